@@ -1,0 +1,639 @@
+"""What two or more Patch-Wise DINO scripts share.
+
+Distributed set-up (torchrun, SLURM, or a plain ``python`` process) and rank helpers that also answer
+without a process group, schedules, ``MetricLogger`` with ETA, checkpoint save/restore (atomic writes,
+``weights_only=True`` reads), building a ViT from its name and loading pretrained weights (official DINO
+URLs as fallback), image decoding with clear errors, a restricted unpickler, the evaluation datasets and
+distributed feature extraction. Code with a single user stays in that user's script.
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import pickle
+import random
+import sys
+import time
+from collections import defaultdict, deque
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch import nn
+
+DINO_URL = "https://dl.fbaipublicfiles.com/dino/"
+OFFICIAL_WEIGHTS = {
+    ("vit_small", 16): "dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth",
+    ("vit_small", 8): "dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth",
+    ("vit_base", 16): "dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth",
+    ("vit_base", 8): "dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth",
+}
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad path, bad flag, bad file): reported as one line, no traceback."""
+
+
+def run_cli(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> None:
+    """Run ``main(args)``; a ``UserError`` becomes ``error: ...`` on stderr and exit status 2."""
+    try:
+        main(args)
+    except UserError as exc:
+        message = str(exc).strip()
+        if "Traceback" in message:  # re-raised from a DataLoader worker: keep the original message
+            message = message.splitlines()[-1].split("UserError: ", 1)[-1]
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if is_dist_avail_and_initialized():
+            dist.destroy_process_group()
+
+
+def bool_flag(s: str) -> bool:
+    """argparse type for booleans written as true/false, 1/0, yes/no, on/off."""
+    value = s.lower()
+    if value in {"on", "true", "1", "yes"}:
+        return True
+    if value in {"off", "false", "0", "no"}:
+        return False
+    raise argparse.ArgumentTypeError(f"invalid boolean {s!r}: use true or false")
+
+
+def fix_random_seeds(seed: int = 0) -> None:
+    """Seed torch (CPU and CUDA), numpy and random."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Distributed
+# ----------------------------------------------------------------------------------------------------
+def is_dist_avail_and_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if get_world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Average a tensor over all processes, in place; a no-op in a single process."""
+    world_size = get_world_size()
+    if world_size > 1:
+        dist.all_reduce(tensor)
+        tensor.div_(world_size)
+    return tensor
+
+
+def setup_for_distributed(is_master: bool) -> None:
+    """Silence ``print`` on all but the master process (``print(..., force=True)`` still prints)."""
+    import builtins
+
+    builtin_print = builtins.print
+
+    def rank_aware_print(*args, **kwargs):
+        force = kwargs.pop("force", False)
+        if is_master or force:
+            builtin_print(*args, **kwargs)
+
+    builtins.print = rank_aware_print
+
+
+def init_distributed_mode(args: argparse.Namespace) -> None:
+    """Join the process group of this job and pick the device.
+
+    Under ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``) or SLURM (``SLURM_PROCID``/``SLURM_NTASKS``)
+    every process joins the group given by ``args.dist_url``; a plain ``python script.py`` gets a
+    one-process group on an in-memory store, so DDP and collectives work the same everywhere. NCCL on
+    CUDA, Gloo on CPU. Sets ``args.rank``, ``args.world_size``, ``args.gpu`` (local rank), ``args.device``
+    and ``args.distributed``.
+    """
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        launcher = "torchrun"
+    elif "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", 1)) > 1:
+        rank, world_size = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
+        local_rank = int(os.environ.get("SLURM_LOCALID", 0))
+        launcher = "slurm"
+        if getattr(args, "dist_url", "env://") == "env://" and "MASTER_ADDR" not in os.environ:
+            raise UserError("running under SLURM without MASTER_ADDR: export MASTER_ADDR (the first node's "
+                            "host name) and MASTER_PORT, or pass --dist_url tcp://HOST:PORT")
+        os.environ.setdefault("MASTER_PORT", "29500")
+    else:
+        rank, world_size, local_rank, launcher = 0, 1, 0, "single process"
+
+    use_cuda = torch.cuda.is_available() and not getattr(args, "force_cpu", False)
+    if use_cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"process with local rank {local_rank} needs a GPU but only "
+                            f"{torch.cuda.device_count()} are visible: lower --nproc_per_node")
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+
+    if not is_dist_avail_and_initialized():
+        if launcher == "single process":
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        else:
+            dist.init_process_group(backend, init_method=getattr(args, "dist_url", "env://"),
+                                    world_size=world_size, rank=rank)
+    args.rank, args.world_size, args.gpu, args.device = rank, world_size, local_rank, device
+    args.distributed = world_size > 1
+    print(f"| distributed init ({launcher}): rank {rank}/{world_size}, backend {backend}, device {device}",
+          flush=True)
+    setup_for_distributed(rank == 0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Schedules, logging
+# ----------------------------------------------------------------------------------------------------
+def cosine_scheduler(base_value: float, final_value: float, epochs: int, niter_per_ep: int,
+                     warmup_epochs: int = 0, start_warmup_value: float = 0.0) -> np.ndarray:
+    """Per-iteration values: linear warm-up from ``start_warmup_value`` to ``base_value`` over
+    ``warmup_epochs``, then a half cosine from ``base_value`` down to ``final_value``."""
+    total = epochs * niter_per_ep
+    warmup_iters = min(warmup_epochs * niter_per_ep, total)
+    warmup = np.linspace(start_warmup_value, base_value, warmup_iters, endpoint=False) if warmup_iters else \
+        np.array([])
+    steps = np.arange(total - warmup_iters)
+    cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * steps / max(len(steps), 1)))
+    schedule = np.concatenate((warmup, cosine))
+    assert len(schedule) == total
+    return schedule
+
+
+class SmoothedValue:
+    """Tracks a series of values; gives the windowed median/average and the global average."""
+
+    def __init__(self, window_size: int = 20, fmt: str = "{median:.4f} ({global_avg:.4f})"):
+        self.deque: deque = deque(maxlen=window_size)
+        self.total = 0.0
+        self.count = 0
+        self.fmt = fmt
+
+    def update(self, value: float, n: int = 1) -> None:
+        self.deque.append(value)
+        self.count += n
+        self.total += value * n
+
+    def synchronize_between_processes(self) -> None:
+        """Sum ``count`` and ``total`` over processes (the window stays local)."""
+        if get_world_size() == 1:
+            return
+        t = torch.tensor([self.count, self.total], dtype=torch.float64,
+                         device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t)
+        self.count, self.total = int(t[0].item()), t[1].item()
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.deque)) if self.deque else 0.0
+
+    @property
+    def avg(self) -> float:
+        return float(np.mean(self.deque)) if self.deque else 0.0
+
+    @property
+    def global_avg(self) -> float:
+        return self.total / max(self.count, 1)
+
+    @property
+    def value(self) -> float:
+        return self.deque[-1] if self.deque else 0.0
+
+    def __str__(self) -> str:
+        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg, value=self.value)
+
+
+class MetricLogger:
+    """Named ``SmoothedValue`` meters and a ``log_every`` iterator that prints progress with ETA."""
+
+    def __init__(self, delimiter: str = "  "):
+        self.meters: dict = defaultdict(SmoothedValue)
+        self.delimiter = delimiter
+
+    def update(self, **kwargs: float) -> None:
+        for name, value in kwargs.items():
+            if isinstance(value, torch.Tensor):
+                value = value.item()
+            self.meters[name].update(float(value))
+
+    def __getattr__(self, attr: str) -> SmoothedValue:
+        if attr in self.__dict__.get("meters", {}):
+            return self.meters[attr]
+        raise AttributeError(f"'MetricLogger' has no meter {attr!r}")
+
+    def __str__(self) -> str:
+        return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
+
+    def synchronize_between_processes(self) -> None:
+        for meter in self.meters.values():
+            meter.synchronize_between_processes()
+
+    def add_meter(self, name: str, meter: SmoothedValue) -> None:
+        self.meters[name] = meter
+
+    def log_every(self, iterable: Iterable, print_freq: int, header: str = "",
+                  total: Optional[int] = None, start: int = 0) -> Iterator:
+        """Yield from ``iterable``, printing iteration, ETA, meters, time and memory every ``print_freq``.
+
+        ``total`` and ``start`` let a resumed epoch report its true position."""
+        total = len(iterable) if total is None else total
+        iter_time, data_time = SmoothedValue(fmt="{avg:.4f}"), SmoothedValue(fmt="{avg:.4f}")
+        width = len(str(total))
+        start_time = end = time.time()
+        i = start
+        for obj in iterable:
+            data_time.update(time.time() - end)
+            yield obj
+            iter_time.update(time.time() - end)
+            if (i - start) % print_freq == 0 or i == total - 1:
+                eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - i - 1)))
+                parts = [header, f"[{i:{width}d}/{total}]", f"eta: {eta}", str(self),
+                         f"time: {iter_time}", f"data: {data_time}"]
+                if torch.cuda.is_available():
+                    parts.append(f"max mem: {torch.cuda.max_memory_allocated() / 2 ** 20:.0f}MB")
+                print(self.delimiter.join(p for p in parts if p), flush=True)
+            i += 1
+            end = time.time()
+        elapsed = datetime.timedelta(seconds=int(time.time() - start_time))
+        print(f"{header} Total time: {elapsed} ({(time.time() - start_time) / max(i - start, 1):.4f} s / it)",
+              flush=True)
+
+
+def append_json_log(output_dir: str, stats: dict) -> None:
+    """Append one JSON line to ``output_dir/log.txt`` (main process only)."""
+    if is_main_process() and output_dir:
+        with open(os.path.join(output_dir, "log.txt"), "a") as f:
+            f.write(json.dumps(stats) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Optimisation helpers
+# ----------------------------------------------------------------------------------------------------
+def get_params_groups(model: nn.Module) -> list:
+    """Two parameter groups: weights with weight decay, biases and norm parameters (1-D) without."""
+    regularized, not_regularized = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.endswith(".bias") or param.ndim <= 1:
+            not_regularized.append(param)
+        else:
+            regularized.append(param)
+    return [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
+
+
+def clip_gradients(model: nn.Module, clip: float) -> torch.Tensor:
+    """Clip each parameter's gradient to norm ``clip`` separately (DINO's rule); returns the norms."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(0)
+    norms = torch.stack(torch._foreach_norm(grads))  # (P,)
+    coefs = (clip / (norms + 1e-6)).clamp(max=1.0)  # (P,)
+    torch._foreach_mul_(grads, list(coefs.unbind()))
+    return norms
+
+
+def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer: int) -> None:
+    """Drop the gradients of the head's last layer during the first ``freeze_last_layer`` epochs."""
+    if epoch >= freeze_last_layer:
+        return
+    for name, param in model.named_parameters():
+        if "last_layer" in name:
+            param.grad = None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``: a reader
+    sees either the old complete file or the new complete file, never a partial one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_on_master(obj: Any, path: str) -> None:
+    if is_main_process():
+        atomic_save(obj, path)
+
+
+def load_checkpoint(path: str, map_location: Any = "cpu") -> Any:
+    """Load a checkpoint as untrusted input: ``weights_only=True`` (plus ``argparse.Namespace``, which
+    DINO checkpoints store as ``args``). Refused, corrupt or missing files raise ``UserError``."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"refused to load {path}: it contains objects other than tensors and plain "
+                        f"containers, which could run code ({first})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path} is not a readable checkpoint (truncated or corrupt?): {first}") from None
+
+
+def restart_from_checkpoint(ckp_path: str, run_variables: Optional[dict] = None, **kwargs: Any) -> bool:
+    """Restore the objects passed as keyword arguments (anything with ``load_state_dict``) from the
+    entries of the same name in ``ckp_path``, and fill ``run_variables`` (e.g. ``epoch``) from it.
+    Returns False when there is no checkpoint."""
+    if not os.path.isfile(ckp_path):
+        return False
+    checkpoint = load_checkpoint(ckp_path)
+    print(f"Found checkpoint at {ckp_path}")
+    for key, value in kwargs.items():
+        if value is None:
+            continue
+        if key not in checkpoint:
+            print(f"=> key '{key}' not found in checkpoint '{ckp_path}'")
+            continue
+        value.load_state_dict(checkpoint[key])
+        print(f"=> loaded '{key}' from checkpoint '{ckp_path}'")
+    if run_variables is not None:
+        for key in run_variables:
+            if key in checkpoint:
+                run_variables[key] = checkpoint[key]
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models and weights
+# ----------------------------------------------------------------------------------------------------
+def build_backbone(arch: str, patch_size: int, **kwargs: Any) -> nn.Module:
+    """A ViT from its name (``vit_tiny``, ``vit_small``, ``vit_base``) with the given patch size."""
+    import vision_transformer as vits
+
+    if arch not in vits.VIT_ARCHS:
+        raise UserError(f"unknown --arch {arch!r}: choose one of {', '.join(vits.VIT_ARCHS)}")
+    if patch_size <= 0:
+        raise UserError(f"--patch_size must be positive, got {patch_size}")
+    return vits.VIT_ARCHS[arch](patch_size=patch_size, **kwargs)
+
+
+def _strip_prefixes(state_dict: dict, prefixes: Sequence[str] = ("module.", "backbone.")) -> dict:
+    out = {}
+    for key, value in state_dict.items():
+        for prefix in prefixes:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def _describe_checkpoint_vit(state_dict: dict) -> str:
+    weight = state_dict.get("patch_embed.proj.weight")
+    if weight is None or weight.ndim != 4:
+        return "an unknown architecture"
+    return f"a ViT of width {weight.shape[0]} with patch size {weight.shape[-1]}"
+
+
+def load_pretrained_weights(model: nn.Module, pretrained_weights: Optional[str], checkpoint_key: Optional[str],
+                            arch: str, patch_size: int, default_url: Optional[str] = None) -> None:
+    """Load backbone weights into ``model``.
+
+    From a file: take ``checkpoint_key`` (e.g. ``teacher``) when present, strip ``module.`` and
+    ``backbone.``, refuse weights of another architecture or patch size, load with ``strict=False`` and
+    report what did not match. With no file: download the official DINO weights for ``arch``/
+    ``patch_size`` (or ``default_url``); offline this is a ``UserError`` telling to pass a file.
+    """
+    if pretrained_weights:
+        state_dict = load_checkpoint(pretrained_weights)
+        source = pretrained_weights
+        if checkpoint_key and isinstance(state_dict, dict) and checkpoint_key in state_dict:
+            print(f"Take key {checkpoint_key} in provided checkpoint dict")
+            state_dict = state_dict[checkpoint_key]
+        elif checkpoint_key and isinstance(state_dict, dict) and not any(
+                torch.is_tensor(v) for v in state_dict.values()):
+            raise UserError(f"{pretrained_weights} has no entry {checkpoint_key!r}: pass --checkpoint_key "
+                            f"with one of {', '.join(map(str, state_dict))}")
+    else:
+        url = default_url or (DINO_URL + OFFICIAL_WEIGHTS[(arch, patch_size)]
+                              if (arch, patch_size) in OFFICIAL_WEIGHTS else None)
+        if url is None:
+            raise UserError(f"there are no official DINO weights for {arch}/{patch_size}: pass "
+                            f"--pretrained_weights /path/to/checkpoint.pth")
+        print(f"No --pretrained_weights given: downloading the official DINO weights from {url}")
+        try:
+            state_dict = torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
+        except Exception as exc:  # urllib raises many types offline (URLError, socket errors, HTTPError)
+            raise UserError(f"could not download the official DINO weights for {arch}/{patch_size} from "
+                            f"{url} ({type(exc).__name__}: {exc}); pass --pretrained_weights "
+                            f"/path/to/checkpoint.pth") from None
+        source = url
+    if not isinstance(state_dict, dict):
+        raise UserError(f"{source} does not hold a state dict")
+    state_dict = _strip_prefixes(state_dict)
+    expected = model.state_dict()
+    for key, value in state_dict.items():
+        if key in expected and torch.is_tensor(value) and value.shape != expected[key].shape:
+            raise UserError(f"{source} holds {_describe_checkpoint_vit(state_dict)}, which does not fit "
+                            f"{arch}/{patch_size} ({key}: {tuple(value.shape)} in the file, "
+                            f"{tuple(expected[key].shape)} in the model): pass the --arch and --patch_size "
+                            f"it was trained with")
+    msg = model.load_state_dict(state_dict, strict=False)
+    if len(msg.missing_keys) == len(expected):
+        raise UserError(f"{source} has no weights for {arch}: none of its keys match the model "
+                        f"(is --checkpoint_key right?)")
+    print(f"Pretrained weights found at {source} and loaded with msg: {msg}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Images, pickles and datasets
+# ----------------------------------------------------------------------------------------------------
+def open_image(path: str) -> Image.Image:
+    """Decode an image file to RGB; any failure is a ``UserError`` naming the file."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise UserError(f"cannot decode image {path}: {exc}") from None
+
+
+def list_images(folder: str, recursive: bool = False) -> list:
+    """Sorted paths of the image files in ``folder`` (and its sub-folders when ``recursive``)."""
+    if not os.path.isdir(folder):
+        raise UserError(f"image folder {folder} does not exist")
+    paths = []
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        paths += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        if not recursive:
+            break
+    return paths
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Admits plain containers, numbers, strings and numpy arrays; anything else is refused."""
+
+    ALLOWED = {
+        ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "complex"), ("builtins", "bytearray"),
+        ("builtins", "slice"), ("collections", "OrderedDict"), ("_codecs", "encode"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self.ALLOWED or (module.startswith("numpy") and name.endswith("DType")):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global '{module}.{name}' is forbidden")
+
+
+def safe_pickle_load(path: str, encoding: str = "ASCII") -> Any:
+    """Unpickle a data file (ground truth, CIFAR batch) without letting it run code."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path} does not exist")
+    try:
+        with open(path, "rb") as f:
+            return _RestrictedUnpickler(f, encoding=encoding).load()
+    except pickle.UnpicklingError as exc:
+        raise UserError(f"refused to load {path}: {exc} (only plain data and numpy arrays are allowed)") \
+            from None
+    except (EOFError, ValueError, TypeError, AttributeError) as exc:
+        raise UserError(f"{path} is not a readable pickle: {exc}") from None
+
+
+def find_cifar10(data_path: str) -> Optional[str]:
+    """The ``cifar-10-batches-py`` folder at or directly under ``data_path``, else None."""
+    for folder in (data_path, os.path.join(data_path, "cifar-10-batches-py")):
+        if os.path.isfile(os.path.join(folder, "data_batch_1")) and \
+                os.path.isfile(os.path.join(folder, "test_batch")):
+            return folder
+    return None
+
+
+class CIFAR10Python(torch.utils.data.Dataset):
+    """CIFAR-10 read directly from its python batches (``data_batch_1..5``, ``test_batch``)."""
+
+    def __init__(self, folder: str, train: bool = True, transform: Optional[Callable] = None):
+        names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+        data, labels = [], []
+        for name in names:
+            batch = safe_pickle_load(os.path.join(folder, name), encoding="bytes")
+            data.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels += list(batch[b"labels"])
+        self.data = np.concatenate(data).transpose(0, 2, 3, 1)  # (N, 32, 32, 3)
+        self.targets = labels
+        self.classes = [str(i) for i in range(10)]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        img = Image.fromarray(self.data[index])
+        return (self.transform(img) if self.transform else img), self.targets[index]
+
+
+def build_eval_dataset(data_path: str, split: str, transform: Optional[Callable]) -> torch.utils.data.Dataset:
+    """``data_path/<split>`` as an ImageFolder (one sub-folder per class), or CIFAR-10's python batches."""
+    from torchvision.datasets import ImageFolder
+
+    if not os.path.isdir(data_path):
+        raise UserError(f"--data_path {data_path} does not exist")
+    cifar = find_cifar10(data_path)
+    if cifar is not None:
+        return CIFAR10Python(cifar, train=split == "train", transform=transform)
+    root = os.path.join(data_path, split)
+    if not os.path.isdir(root):
+        raise UserError(f"{root} not found: --data_path must hold '{split}' with one sub-folder per class "
+                        f"(ImageFolder layout), or CIFAR-10's cifar-10-batches-py")
+    try:
+        return ImageFolder(root, transform=transform, loader=open_image)
+    except FileNotFoundError as exc:
+        raise UserError(f"{root}: {exc}") from None
+
+
+class ReturnIndexDataset(torch.utils.data.Dataset):
+    """Wraps a dataset so that items are ``(sample, index)``: feature extraction gathers by index."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        sample = self.dataset[index]
+        return (sample[0] if isinstance(sample, tuple) else sample), index
+
+
+def feature_loader(dataset: torch.utils.data.Dataset, batch_size: int, num_workers: int,
+                   collate_fn: Optional[Callable] = None) -> torch.utils.data.DataLoader:
+    """A loader for ``extract_features``: dataset wrapped with indices, split over processes in order."""
+    dataset = ReturnIndexDataset(dataset)
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=get_world_size(), rank=get_rank(),
+                                                  shuffle=False)
+    return torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=num_workers,
+                                       pin_memory=torch.cuda.is_available(), drop_last=False,
+                                       collate_fn=collate_fn, persistent_workers=False)
+
+
+@torch.inference_mode()
+def extract_features(model: nn.Module, data_loader: torch.utils.data.DataLoader, device: torch.device,
+                     feature_fn: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None,
+                     print_freq: int = 10) -> torch.Tensor:
+    """Features of every item of ``data_loader`` (built by ``feature_loader``), in dataset order.
+
+    Each process runs its share; every batch is all-gathered with its indices, so every process ends
+    with the full ``(N, D)`` float32 CPU tensor. ``feature_fn(model, images)`` defaults to ``model(images)``.
+    """
+    feature_fn = feature_fn or (lambda m, x: m(x))
+    world_size = get_world_size()
+    gather_device = device if device.type == "cuda" else torch.device("cpu")
+    features = None
+    logger = MetricLogger()
+    for images, index in logger.log_every(data_loader, print_freq, header="Features:"):
+        images = images.to(device, non_blocking=True)
+        index = index.to(gather_device)  # (B,)
+        feats = feature_fn(model, images).float().to(gather_device)  # (B, D)
+        if features is None:
+            features = torch.zeros(len(data_loader.dataset), feats.shape[-1])  # (N, D)
+        if world_size > 1:
+            index_all = [torch.empty_like(index) for _ in range(world_size)]
+            feats_all = [torch.empty_like(feats) for _ in range(world_size)]
+            dist.all_gather(index_all, index)
+            dist.all_gather(feats_all, feats)
+            index, feats = torch.cat(index_all), torch.cat(feats_all)
+        features[index.cpu()] = feats.cpu()
+    if features is None:
+        raise UserError("no images to extract features from")
+    return features

@@ -505,13 +505,14 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     ALLOWED = {
         ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "complex"), ("builtins", "bytearray"),
-        ("builtins", "slice"), ("collections", "OrderedDict"), ("_codecs", "encode"),
+        ("builtins", "slice"), ("builtins", "bytes"), ("collections", "OrderedDict"), ("_codecs", "encode"),
         ("numpy", "ndarray"), ("numpy", "dtype"),
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
     }
 
     def find_class(self, module: str, name: str) -> Any:
+        module = {"__builtin__": "builtins", "copy_reg": "copyreg"}.get(module, module)  # protocol-2 names
         if (module, name) in self.ALLOWED or (module.startswith("numpy") and name.endswith("DType")):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"global '{module}.{name}' is forbidden")

@@ -1,0 +1,188 @@
+"""Shared helpers: untrusted-file loading, DINO checkpoint layouts, schedules, clipping, datasets."""
+import argparse
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import utils
+from vision_transformer import DINOHead
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class _RunsCode:
+    """Unpickling this calls os.system: a hostile checkpoint or ground-truth file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _training_layout_checkpoint(backbone, head):
+    teacher = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+    teacher.update({f"head.{k}": v for k, v in head.state_dict().items()})
+    student = {f"module.{k}": v.clone() for k, v in teacher.items()}
+    return {"student": student, "teacher": teacher, "optimizer": {}, "epoch": 3,
+            "args": argparse.Namespace(arch="vit_tiny", patch_size=16), "dino_loss": {"center": torch.zeros(1, 5, 8)}}
+
+
+def test_cosine_scheduler_warmup_and_ends():
+    s = utils.cosine_scheduler(1.0, 0.1, epochs=3, niter_per_ep=4, warmup_epochs=1, start_warmup_value=0.0)
+    assert len(s) == 12
+    np.testing.assert_allclose(s[:4], [0, 0.25, 0.5, 0.75])
+    assert s[4] == pytest.approx(1.0)
+    # Half cosine over the 8 remaining steps: value at step j is 0.1 + 0.45 * (1 + cos(pi j / 8)).
+    np.testing.assert_allclose(s[4:], 0.1 + 0.45 * (1 + np.cos(np.pi * np.arange(8) / 8)))
+    assert np.all(np.diff(s[4:]) < 0)
+
+
+def test_bool_flag():
+    assert utils.bool_flag("True") and utils.bool_flag("1") and not utils.bool_flag("off")
+    with pytest.raises(argparse.ArgumentTypeError):
+        utils.bool_flag("maybe")
+
+
+def test_clip_gradients_clips_each_parameter_separately():
+    model = torch.nn.Linear(4, 3)
+    model.weight.grad = torch.full((3, 4), 1.0)  # norm 3.46
+    model.bias.grad = torch.tensor([0.1, 0.0, 0.0])  # norm 0.1, under the limit
+    norms = utils.clip_gradients(model, 0.5)
+    np.testing.assert_allclose(norms.numpy(), [np.sqrt(12), 0.1], rtol=1e-6)
+    assert model.weight.grad.norm().item() == pytest.approx(0.5, rel=1e-4)
+    np.testing.assert_allclose(model.bias.grad.numpy(), [0.1, 0.0, 0.0])
+
+
+def test_params_groups_exclude_biases_and_norms():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    decay, no_decay = utils.get_params_groups(model)
+    assert [p.shape for p in decay["params"]] == [torch.Size([4, 4])]
+    assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
+
+
+def test_atomic_save_round_trip_and_no_leftovers(tmp_path):
+    path = tmp_path / "checkpoint.pth"
+    utils.atomic_save({"epoch": 1, "w": torch.ones(2)}, str(path))
+    utils.atomic_save({"epoch": 2, "w": torch.ones(2)}, str(path))
+    assert utils.load_checkpoint(str(path))["epoch"] == 2
+    assert os.listdir(tmp_path) == ["checkpoint.pth"]
+
+
+def test_checkpoint_that_runs_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save({"teacher": _RunsCode(marker)}, path)
+    with pytest.raises(utils.UserError, match="refused"):
+        utils.load_checkpoint(str(path))
+    assert not marker.exists()
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"w": torch.randn(1000)}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(utils.UserError, match="truncated or corrupt"):
+        utils.load_checkpoint(str(path))
+
+
+def test_pickle_that_runs_code_is_refused_and_plain_data_loads(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "gnd_evil.pkl"
+    evil.write_bytes(pickle.dumps({"imlist": ["a"], "x": _RunsCode(marker)}))
+    with pytest.raises(utils.UserError, match="refused"):
+        utils.safe_pickle_load(str(evil))
+    assert not marker.exists()
+    good = tmp_path / "gnd_good.pkl"
+    data = {"imlist": ["a", "b"], "gnd": [{"bbx": [1.0, 2.0, 3.0, 4.0], "easy": np.array([0, 1]),
+                                           "hard": np.array([], dtype=np.int64), "junk": {2}}]}
+    good.write_bytes(pickle.dumps(data, protocol=2))
+    loaded = utils.safe_pickle_load(str(good))
+    assert loaded["imlist"] == ["a", "b"]
+    np.testing.assert_array_equal(loaded["gnd"][0]["easy"], [0, 1])
+
+
+def test_training_layout_checkpoint_loads_teacher_and_student(tmp_path):
+    source = utils.build_backbone("vit_tiny", 16)
+    head = DINOHead(source.embed_dim, 8)
+    path = tmp_path / "checkpoint.pth"
+    torch.save(_training_layout_checkpoint(source, head), path)
+    x = torch.randn(2, 3, 32, 32)
+    for key in ("teacher", "student"):
+        target = utils.build_backbone("vit_tiny", 16)
+        utils.load_pretrained_weights(target, str(path), key, "vit_tiny", 16)
+        source.eval(), target.eval()
+        torch.testing.assert_close(target(x), source(x))
+
+
+def test_checkpoint_of_another_patch_size_or_arch_is_refused(tmp_path):
+    path = tmp_path / "checkpoint.pth"
+    torch.save(_training_layout_checkpoint(utils.build_backbone("vit_tiny", 8), DINOHead(192, 8)), path)
+    with pytest.raises(utils.UserError, match="patch size 8.*--patch_size"):
+        utils.load_pretrained_weights(utils.build_backbone("vit_tiny", 16), str(path), "teacher", "vit_tiny", 16)
+    with pytest.raises(utils.UserError, match="width 192"):
+        utils.load_pretrained_weights(utils.build_backbone("vit_small", 8), str(path), "teacher", "vit_small", 8)
+    with pytest.raises(utils.UserError, match="checkpoint_key"):
+        utils.load_pretrained_weights(utils.build_backbone("vit_tiny", 8), str(path), "nope", "vit_tiny", 8)
+
+
+def test_unknown_arch_lists_choices():
+    with pytest.raises(utils.UserError, match="vit_small"):
+        utils.build_backbone("resnet9000", 16)
+
+
+def test_no_official_weights_for_tiny_says_pass_a_file():
+    with pytest.raises(utils.UserError, match="--pretrained_weights"):
+        utils.load_pretrained_weights(utils.build_backbone("vit_tiny", 16), None, "teacher", "vit_tiny", 16)
+
+
+def test_offline_download_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # nothing cached
+    model = utils.build_backbone("vit_small", 16)
+    with pytest.raises(utils.UserError, match="could not download.*--pretrained_weights"):
+        utils.load_pretrained_weights(model, None, "teacher", "vit_small", 16,
+                                      default_url="http://127.0.0.1:9/dino_deitsmall16_pretrain.pth")
+
+
+def test_open_image_names_the_broken_file(tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    with pytest.raises(utils.UserError, match="broken.jpg"):
+        utils.open_image(str(bad))
+
+
+def test_cifar10_python_folder_is_read_directly(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n in [(f"data_batch_{i}", 3) for i in range(1, 6)] + [("test_batch", 2)]:
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": list(range(n))}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    train = utils.build_eval_dataset(str(tmp_path), "train", None)
+    test = utils.build_eval_dataset(str(tmp_path), "val", None)
+    assert len(train) == 15 and len(test) == 2
+    img, label = test[1]
+    assert img.size == (32, 32) and label == 1
+    # Channel-major rows: pixel (0, 0) takes bytes 0, 1024, 2048 of the row.
+    raw = pickle.loads((folder / "test_batch").read_bytes())[b"data"][1]
+    assert img.getpixel((0, 0)) == (raw[0], raw[1024], raw[2048])
+
+
+def test_missing_split_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(utils.UserError, match="train"):
+        utils.build_eval_dataset(str(tmp_path), "train", None)
+
+
+def test_run_cli_prints_one_line_without_traceback(tmp_path):
+    code = ("import utils\n"
+            "def main(args):\n    raise utils.UserError('something is wrong: do this')\n"
+            "utils.run_cli(main, None)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: something is wrong: do this"

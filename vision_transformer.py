@@ -35,6 +35,20 @@ def _init_linear_and_norm(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+def resize_pos_embed(pos_embed: torch.Tensor, old_grid: Tuple[int, int],
+                     new_grid: Tuple[int, int]) -> torch.Tensor:
+    """Bicubically resize the patch part of (1, 1+h*w, D) position embeddings to another token grid.
+
+    The [CLS] embedding is kept; patches are row-major on both grids. Returns (1, 1+H*W, D).
+    """
+    cls_pos = pos_embed[:, :1]  # (1, 1, D)
+    patch_pos = pos_embed[:, 1:].reshape(1, old_grid[0], old_grid[1], -1).permute(0, 3, 1, 2)  # (1, D, h, w)
+    patch_pos = F.interpolate(patch_pos.float(), size=tuple(new_grid), mode="bicubic",
+                              align_corners=False).to(pos_embed.dtype)  # (1, D, H, W)
+    patch_pos = patch_pos.flatten(2).transpose(1, 2)  # (1, H*W, D)
+    return torch.cat((cls_pos, patch_pos), dim=1)  # (1, 1+H*W, D)
+
+
 class DropPath(nn.Module):
     """Stochastic depth: drops the whole residual branch of a sample with probability `drop_prob`.
 
@@ -178,12 +192,7 @@ class VisionTransformer(nn.Module):
         g = self.patch_embed.grid_size
         if grid_h == g and grid_w == g:
             return self.pos_embed
-        cls_pos = self.pos_embed[:, :1]  # (1, 1, D)
-        patch_pos = self.pos_embed[:, 1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
-        patch_pos = F.interpolate(patch_pos.float(), size=(grid_h, grid_w), mode="bicubic",
-                                  align_corners=False).to(self.pos_embed.dtype)  # (1, D, h, w)
-        patch_pos = patch_pos.flatten(2).transpose(1, 2)  # (1, h*w, D)
-        return torch.cat((cls_pos, patch_pos), dim=1)  # (1, 1+h*w, D)
+        return resize_pos_embed(self.pos_embed, (g, g), (grid_h, grid_w))
 
     def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Patch-embed an image batch (B, C, H, W), prepend [CLS], add position embeddings: (B, 1+N, D)."""

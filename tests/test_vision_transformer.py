@@ -1,5 +1,6 @@
 """Tests of vision_transformer.py: official DINO names/shapes, equivalence with timm's ViT, attention,
 position-embedding interpolation, the DINO head and stochastic depth (CPU, small models)."""
+import copy
 from functools import partial
 
 import pytest
@@ -267,7 +268,6 @@ def test_weight_norm_matches_torch_parametrization():
 
 
 def test_head_loads_official_style_state_dict_and_deepcopies():
-    import copy
     src = vits.DINOHead(64, 50, hidden_dim=128, bottleneck_dim=32, norm_last_layer=False)
     with torch.no_grad():
         src.last_layer.weight_g.uniform_(0.5, 2.0)

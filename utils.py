@@ -638,3 +638,23 @@ def extract_features(model: nn.Module, data_loader: torch.utils.data.DataLoader,
     if features is None:
         raise UserError("no images to extract features from")
     return features
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation metrics
+# ----------------------------------------------------------------------------------------------------
+def average_precision(positive_ranks: Sequence[int], num_positives: int) -> float:
+    """Average precision of one ranked list by the trapezoid rule of the Holidays/revisitop scoring.
+
+    ``positive_ranks`` are the 0-based positions of the retrieved positives in the ranking (junk
+    already removed); ``num_positives`` counts all positives of the query, found or not. Each positive
+    adds a trapezoid of width ``1 / num_positives`` between the precision just before it
+    (``found / rank``, 1 at rank 0) and just after it (``(found + 1) / (rank + 1)``).
+    """
+    if num_positives <= 0:
+        raise ValueError(f"num_positives must be positive, got {num_positives}")
+    ranks = np.sort(np.asarray(positive_ranks, dtype=np.float64))  # (P,)
+    found = np.arange(len(ranks), dtype=np.float64)  # (P,) positives seen before each one
+    before = np.where(ranks == 0, 1.0, found / np.maximum(ranks, 1.0))  # (P,)
+    after = (found + 1.0) / (ranks + 1.0)  # (P,)
+    return float((before + after).sum() / (2.0 * num_positives))

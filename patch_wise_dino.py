@@ -1,0 +1,735 @@
+"""Patch-Wise DINO training: DINO self-distillation of a ViT plus a patch-level loss.
+
+Reproduces the training of DINO (Caron et al., "Emerging Properties in Self-Supervised Vision
+Transformers", ICCV 2021; facebookresearch/dino ``main_dino.py``) and adds the objective of Patch-Wise
+DINO (Javidani et al., "Local-Global Self-Supervised Visual Representation Learning", 2023): besides
+matching the [CLS] outputs of two views, the student matches the teacher on every pair of patch tokens
+that show the same place of the image (``patch_matching.py``).
+
+Differences from the reference code:
+- every image gets its own crops (the Patch-Wise DINO reference shared one crop geometry across the
+  batch); the data workers compute the token matches and the collate function pads them;
+- the teacher head runs on every token of the global views, the student head only on the matched
+  tokens, once per (image, student token) even when that token is matched against both teacher views;
+- the center has one row per teacher token position: (1, 1+Ng, K);
+- ``--patch_loss false`` is DINO exactly ([CLS] only, heads on [CLS] only, center (1, 1, K));
+- mixed precision through ``torch.amp`` (float16 with a GradScaler, or bfloat16), fused AdamW on CUDA;
+- per-epoch collapse diagnostics (teacher entropy, student-teacher KL) for [CLS] and patch tokens.
+"""
+import argparse
+import datetime
+import functools
+import itertools
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from typing import NamedTuple, Optional, Sequence
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.datasets import ImageFolder
+
+import patch_matching
+import utils
+import vision_transformer as vits
+from transforms import DataAugmentationPatchWiseDINO
+
+NUM_GLOBAL = 2
+SPLIT_NAMES = {"train", "val", "test", "validation"}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("Patch-Wise DINO", add_help=False)
+    # Model
+    parser.add_argument("--arch", default="vit_small", type=str,
+                        help=f"ViT architecture: {', '.join(vits.VIT_ARCHS)}")
+    parser.add_argument("--patch_size", default=16, type=int, help="side of a ViT patch in pixels")
+    parser.add_argument("--out_dim", default=65536, type=int, help="dimensionality K of the DINO head output")
+    parser.add_argument("--norm_last_layer", default=True, type=utils.bool_flag,
+                        help="freeze the weight norm of the head's last layer (true is more stable)")
+    parser.add_argument("--momentum_teacher", default=0.996, type=float,
+                        help="base EMA momentum of the teacher, raised to 1 by a cosine schedule")
+    parser.add_argument("--use_bn_in_head", default=False, type=utils.bool_flag,
+                        help="batch norm in the head's MLP (SyncBatchNorm across GPUs)")
+    # Temperature
+    parser.add_argument("--warmup_teacher_temp", default=0.04, type=float, help="teacher temperature at epoch 0")
+    parser.add_argument("--teacher_temp", default=0.04, type=float, help="teacher temperature after the warm-up")
+    parser.add_argument("--warmup_teacher_temp_epochs", default=0, type=int,
+                        help="epochs of linear warm-up of the teacher temperature")
+    parser.add_argument("--center_momentum", default=0.9, type=float, help="EMA momentum of the center")
+    # Optimisation
+    parser.add_argument("--use_fp16", default=True, type=utils.bool_flag,
+                        help="mixed precision on CUDA (see --amp_dtype); ignored on the CPU, which trains in fp32")
+    parser.add_argument("--amp_dtype", default="float16", choices=["float16", "bfloat16"],
+                        help="half type of --use_fp16: float16 uses a GradScaler, bfloat16 needs none (Ampere+)")
+    parser.add_argument("--weight_decay", default=0.04, type=float, help="initial weight decay")
+    parser.add_argument("--weight_decay_end", default=0.4, type=float, help="final weight decay (cosine schedule)")
+    parser.add_argument("--clip_grad", default=3.0, type=float,
+                        help="clip each parameter's gradient to this norm (0 disables)")
+    parser.add_argument("--batch_size_per_gpu", default=64, type=int, help="images per process and step")
+    parser.add_argument("--epochs", default=100, type=int, help="number of training epochs")
+    parser.add_argument("--freeze_last_layer", default=1, type=int,
+                        help="epochs during which the head's last layer is not updated")
+    parser.add_argument("--lr", default=0.0005, type=float,
+                        help="peak learning rate for a total batch of 256, scaled linearly with the total batch")
+    parser.add_argument("--warmup_epochs", default=10, type=int, help="epochs of linear learning-rate warm-up")
+    parser.add_argument("--min_lr", default=1e-6, type=float, help="learning rate at the end of the cosine")
+    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "lars"],
+                        help="adamw (recommended for ViTs), sgd or lars")
+    parser.add_argument("--drop_path_rate", default=0.1, type=float, help="stochastic depth rate of the student")
+    # Multi-crop and the patch loss
+    parser.add_argument("--global_crops_scale", default=(0.4, 1.0), type=float, nargs=2,
+                        help="min and max area fraction of the global crops")
+    parser.add_argument("--local_crops_number", default=8, type=int, help="number of local crops (0 disables)")
+    parser.add_argument("--local_crops_scale", default=(0.05, 0.4), type=float, nargs=2,
+                        help="min and max area fraction of the local crops")
+    parser.add_argument("--global_size", default=224, type=int, help="side of the global crops in pixels")
+    parser.add_argument("--local_size", default=96, type=int, help="side of the local crops in pixels")
+    parser.add_argument("--resize", default=256, type=int,
+                        help="resize every image to resize x resize before cropping (0: crop the original)")
+    parser.add_argument("--patch_loss", default=True, type=utils.bool_flag,
+                        help="add the loss on matched patch tokens; false trains vanilla DINO ([CLS] only)")
+    # Data, outputs, distribution
+    parser.add_argument("--data_path", default=None, type=str,
+                        help="ImageFolder root, folder of images, or CIFAR-10 python folder (default: data/sample)")
+    parser.add_argument("--output_dir", default=".", type=str, help="where checkpoints and logs go")
+    parser.add_argument("--saveckp_freq", default=20, type=int, help="keep checkpointNNNN.pth every this many epochs")
+    parser.add_argument("--seed", default=0, type=int, help="random seed")
+    parser.add_argument("--num_workers", default=min(10, os.cpu_count() or 1), type=int,
+                        help="data loading processes per process (default 10, or the number of CPUs if fewer)")
+    parser.add_argument("--print_freq", default=10, type=int, help="print progress every this many iterations")
+    parser.add_argument("--dist_url", default="env://", type=str, help="url of the distributed process group")
+    parser.add_argument("--local_rank", default=0, type=int, help="ignored: the launcher sets LOCAL_RANK")
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse settings that cannot work, with one line each."""
+    if args.arch not in vits.VIT_ARCHS:
+        raise utils.UserError(f"unknown --arch {args.arch!r}: choose one of {', '.join(vits.VIT_ARCHS)}")
+    if args.patch_size <= 0:
+        raise utils.UserError(f"--patch_size must be positive, got {args.patch_size}")
+    for flag, size in (("--global_size", args.global_size), ("--local_size", args.local_size)):
+        if size <= 0 or size % args.patch_size:
+            raise utils.UserError(f"{flag} {size} is not a positive multiple of --patch_size {args.patch_size}")
+    for flag, scale in (("--global_crops_scale", args.global_crops_scale),
+                        ("--local_crops_scale", args.local_crops_scale)):
+        if not 0 < scale[0] <= scale[1] <= 1:
+            raise utils.UserError(f"{flag} {scale[0]} {scale[1]} must satisfy 0 < min <= max <= 1")
+    for flag in ("batch_size_per_gpu", "epochs", "out_dim", "print_freq"):
+        if getattr(args, flag) < 1:
+            raise utils.UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    for flag in ("local_crops_number", "resize", "num_workers", "saveckp_freq"):
+        if getattr(args, flag) < 0:
+            raise utils.UserError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------
+def default_data_path() -> str:
+    """The sample photos shipped with the code."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sample")
+
+
+class ImageList(torch.utils.data.Dataset):
+    """Image files without labels: items are ``(PIL image, 0)``."""
+
+    def __init__(self, paths: Sequence[str]):
+        self.paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        return utils.open_image(self.paths[index]), 0
+
+
+def build_image_source(data_path: str) -> torch.utils.data.Dataset:
+    """Items ``(PIL image, label)`` from CIFAR-10 python batches, an ImageFolder (class sub-folders;
+    ``train`` is used when the folder holds split folders) or a plain folder of images."""
+    if not os.path.isdir(data_path):
+        raise utils.UserError(f"--data_path {data_path} does not exist or is not a folder")
+    cifar = utils.find_cifar10(data_path)
+    if cifar is not None:
+        return utils.CIFAR10Python(cifar, train=True)
+    subdirs = sorted(e.name for e in os.scandir(data_path) if e.is_dir() and not e.name.startswith("."))
+    if "train" in subdirs and set(subdirs) <= SPLIT_NAMES:
+        print(f"{data_path} holds split folders: training on {os.path.join(data_path, 'train')}")
+        return build_image_source(os.path.join(data_path, "train"))
+    if subdirs:
+        dataset = ImageFolder(data_path, loader=utils.open_image, allow_empty=True)
+        if len(dataset):
+            return dataset
+    paths = utils.list_images(data_path)
+    if not paths:
+        raise utils.UserError(f"no images found in --data_path {data_path}: expected class sub-folders of "
+                              f"images, images directly inside, or CIFAR-10's cifar-10-batches-py")
+    return ImageList(paths)
+
+
+def cls_only_matches(num_views: int) -> list:
+    """The view pairs of ``patch_matching.match_all_pairs`` with the [CLS] pair only (vanilla DINO)."""
+    cls = np.zeros(1, dtype=np.int64)
+    return [(i, v, cls, cls) for i in range(NUM_GLOBAL) for v in range(num_views) if v != i]
+
+
+class MultiCropDataset(torch.utils.data.Dataset):
+    """Items ``(crops, matches)``: the multi-crop views of one image and, for every (teacher global
+    view i, student view v != i), the token indices ``(i, v, idx_teacher, idx_student)`` that match."""
+
+    def __init__(self, images: torch.utils.data.Dataset, transform: DataAugmentationPatchWiseDINO,
+                 patch_size: int, patch_loss: bool):
+        self.images, self.transform = images, transform
+        self.patch_size, self.patch_loss = patch_size, patch_loss
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        crops, geometries = self.transform(self.images[index][0])
+        if self.patch_loss:
+            matches = patch_matching.match_all_pairs(geometries, self.patch_size, num_global=NUM_GLOBAL)
+        else:
+            matches = cls_only_matches(len(crops))
+        return crops, matches
+
+
+class MultiCropBatch(NamedTuple):
+    """A collated batch: crops per view and the matches of every view pair, padded to M entries."""
+    crops: list  # V tensors (B, 3, S_v, S_v), globals first
+    pairs: torch.Tensor  # (P, 2) teacher global view i, student view v
+    teacher_idx: torch.Tensor  # (P, B, M) token of teacher view i
+    student_idx: torch.Tensor  # (P, B, M) token of student view v
+    mask: torch.Tensor  # (P, B, M) True where a match exists, False on padding
+
+
+def collate_multicrop(batch: Sequence) -> MultiCropBatch:
+    """Stack the views of ``MultiCropDataset`` items and pad their matches into index tensors."""
+    crops = [torch.stack(views) for views in zip(*(item[0] for item in batch))]
+    pairs = [(i, v) for i, v, _, _ in batch[0][1]]
+    if any([(i, v) for i, v, _, _ in item[1]] != pairs for item in batch):
+        raise ValueError("all items of a batch must have the same view pairs")
+    P, B = len(pairs), len(batch)
+    M = max(len(m[2]) for item in batch for m in item[1])
+    teacher_idx, student_idx = np.zeros((P, B, M), dtype=np.int64), np.zeros((P, B, M), dtype=np.int64)
+    mask = np.zeros((P, B, M), dtype=bool)
+    for b, item in enumerate(batch):
+        for p, (_, _, idx_t, idx_s) in enumerate(item[1]):
+            teacher_idx[p, b, :len(idx_t)], student_idx[p, b, :len(idx_s)] = idx_t, idx_s
+            mask[p, b, :len(idx_t)] = True
+    return MultiCropBatch(crops, torch.tensor(pairs, dtype=torch.long).view(P, 2), torch.from_numpy(teacher_idx),
+                          torch.from_numpy(student_idx), torch.from_numpy(mask))
+
+
+def worker_init(worker_id: int, rank: int) -> None:
+    """Seed numpy and ``random`` of a data worker from its torch seed and the rank; one OpenCV thread."""
+    seed = np.random.SeedSequence([torch.initial_seed(), rank, worker_id]).generate_state(2)
+    np.random.seed(int(seed[0]))
+    random.seed(int(seed[1]))
+    cv2.setNumThreads(1)
+
+
+def build_loader(args: argparse.Namespace) -> torch.utils.data.DataLoader:
+    """Multi-crop data with matches, split over the processes by a shuffling DistributedSampler."""
+    transform = DataAugmentationPatchWiseDINO(args.global_crops_scale, args.local_crops_scale,
+                                              args.local_crops_number, args.patch_size, args.global_size,
+                                              args.local_size, args.resize)
+    data_path = args.data_path or default_data_path()
+    dataset = MultiCropDataset(build_image_source(data_path), transform, args.patch_size, args.patch_loss)
+    total_batch = args.batch_size_per_gpu * args.world_size
+    if len(dataset) < total_batch:
+        raise utils.UserError(f"{data_path} has {len(dataset)} images, fewer than one batch of {total_batch} "
+                              f"({args.world_size} processes x {args.batch_size_per_gpu}): "
+                              f"lower --batch_size_per_gpu")
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=args.world_size, rank=args.rank,
+                                                  shuffle=True, seed=args.seed)
+    loader = torch.utils.data.DataLoader(
+        dataset, sampler=sampler, batch_size=args.batch_size_per_gpu, num_workers=args.num_workers,
+        pin_memory=args.device.type == "cuda", drop_last=True, collate_fn=collate_multicrop,
+        persistent_workers=args.num_workers > 0, worker_init_fn=functools.partial(worker_init, rank=args.rank))
+    print(f"Data loaded: {len(dataset)} images from {data_path}; {transform}")
+    return loader
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------
+class MultiCropWrapper(nn.Module):
+    """Backbone on crops of several resolutions (one pass per run of equal sizes), head on chosen rows.
+
+    The backbone outputs of all views are laid out as one flat list of rows: view by view, image by
+    image, token by token ([CLS] only unless ``all_tokens``), i.e. row ``start_v + b * T_v + t``.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def features(self, crops: Sequence[torch.Tensor], all_tokens: bool) -> torch.Tensor:
+        """Backbone outputs of all views as flat rows: (sum_v B * T_v, D)."""
+        outputs = []
+        for _, group in itertools.groupby(crops, key=lambda c: tuple(c.shape[-2:])):
+            x = torch.cat(list(group))  # (n*B, 3, H, W)
+            out = self.backbone.forward_tokens(x) if all_tokens else self.backbone(x)[:, None]  # (n*B, T, D)
+            outputs.append(out.flatten(0, 1))  # (n*B*T, D)
+        return torch.cat(outputs)
+
+    def forward(self, crops: Sequence[torch.Tensor], rows: Optional[torch.Tensor] = None,
+                all_tokens: bool = False) -> torch.Tensor:
+        feats = self.features(crops, all_tokens)  # (R, D)
+        if rows is not None:
+            feats = feats.index_select(0, rows)  # (S, D)
+        return self.head(feats)  # (S, K)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def build_models(args: argparse.Namespace) -> tuple:
+    """(student wrapped in DDP, teacher) with the teacher starting as a copy of the student."""
+    student_backbone = utils.build_backbone(args.arch, args.patch_size, drop_path_rate=args.drop_path_rate)
+    teacher_backbone = utils.build_backbone(args.arch, args.patch_size)
+    dim = student_backbone.embed_dim
+    student = MultiCropWrapper(student_backbone, vits.DINOHead(dim, args.out_dim, args.use_bn_in_head,
+                                                               args.norm_last_layer))
+    teacher = MultiCropWrapper(teacher_backbone, vits.DINOHead(dim, args.out_dim, args.use_bn_in_head))
+    student, teacher = student.to(args.device), teacher.to(args.device)
+    if args.use_bn_in_head and args.device.type == "cuda":
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+    student = nn.parallel.DistributedDataParallel(
+        student, device_ids=[args.gpu] if args.device.type == "cuda" else None)
+    teacher.load_state_dict(student.module.state_dict())  # after DDP has broadcast rank 0's weights
+    for p in teacher.parameters():
+        p.requires_grad = False
+    print(f"Student and teacher are built: {args.arch}/{args.patch_size}, head out_dim {args.out_dim}, "
+          f"{sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters each.")
+    return student, teacher
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loss
+# ----------------------------------------------------------------------------------------------------
+class LossPlan(NamedTuple):
+    """Which student tokens the head runs on, and the matched (student, teacher) entries of the loss."""
+    student_rows: torch.Tensor  # (S,) flat rows of the student backbone outputs (MultiCropWrapper layout)
+    entry_student: torch.Tensor  # (E,) row of the student output (index into student_rows) of each entry
+    entry_teacher: torch.Tensor  # (E,) row of the flat teacher output (i * B + b) * T + t of each entry
+    entry_weight: torch.Tensor  # (E,) 1 / (number of view pairs * valid entries of the entry's pair)
+    entry_is_cls: torch.Tensor  # (E,) True for the [CLS]-[CLS] entries
+
+
+def make_loss_plan(pairs: torch.Tensor, teacher_idx: torch.Tensor, student_idx: torch.Tensor,
+                   mask: torch.Tensor, view_tokens: Sequence[int], teacher_tokens: int) -> LossPlan:
+    """Flatten the padded matches of a batch into loss entries (padding dropped).
+
+    ``view_tokens[v]`` is the number of backbone rows per image of student view v (1 + N_v, or 1 for
+    [CLS] only); ``teacher_tokens`` the same for the teacher. Each distinct student row appears once in
+    ``student_rows`` even when it is matched in several pairs.
+    """
+    if len(view_tokens) < NUM_GLOBAL:
+        raise ValueError(f"Patch-Wise DINO needs at least {NUM_GLOBAL} views (the global crops), "
+                         f"got {len(view_tokens)}")
+    P, B, M = mask.shape
+    if P == 0 or tuple(pairs.shape) != (P, 2) or teacher_idx.shape != mask.shape or student_idx.shape != mask.shape:
+        raise ValueError(f"inconsistent matches: pairs {tuple(pairs.shape)}, indices {tuple(teacher_idx.shape)}, "
+                         f"{tuple(student_idx.shape)}, mask {tuple(mask.shape)}")
+    device = mask.device
+    tokens = torch.as_tensor(list(view_tokens), device=device)  # (V,)
+    view_start = B * (torch.cumsum(tokens, 0) - tokens)  # (V,) first flat row of each view
+    t_view, s_view = pairs[:, 0, None, None], pairs[:, 1, None, None]  # (P, 1, 1)
+    bad = ((t_view < 0) | (t_view >= NUM_GLOBAL) | (s_view < 0) | (s_view >= len(view_tokens))).any()
+    s_view = s_view.clamp(0, len(view_tokens) - 1)
+    image = torch.arange(B, device=device)[None, :, None]  # (1, B, 1)
+    bad |= (mask & ((teacher_idx < 0) | (teacher_idx >= teacher_tokens) | (student_idx < 0)
+                    | (student_idx >= tokens[s_view]))).any()
+    if bad.item():
+        raise ValueError("matches refer to views or tokens that the crops do not have")
+    teacher_rows = (t_view * B + image) * teacher_tokens + teacher_idx  # (P, B, M)
+    student_rows = view_start[s_view] + image * tokens[s_view] + student_idx  # (P, B, M)
+    per_pair = mask.sum((1, 2)).clamp_min(1).float()  # (P,)
+    weight = (1.0 / (P * per_pair))[:, None, None].expand(P, B, M)  # (P, B, M)
+    keep = mask.flatten().nonzero().squeeze(1)  # (E,)
+    rows, inverse = torch.unique(student_rows.flatten()[keep], return_inverse=True)  # (S,), (E,)
+    return LossPlan(rows, inverse, teacher_rows.flatten()[keep], weight.flatten()[keep],
+                    teacher_idx.flatten()[keep] == 0)
+
+
+class _SoftTargetCrossEntropy(torch.autograd.Function):
+    """sum_r sum_k -targets[r, k] * log_softmax(logits[r] / temp)[k], in row chunks.
+
+    Saves only ``logits`` and ``targets`` (no (S, K) log-softmax); the backward pass recomputes the
+    softmax chunk by chunk: d/dlogits = (softmax(logits / temp) * sum_k targets - targets) / temp.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, temp: float, chunk: int) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        for start in range(0, len(logits), chunk):
+            x = logits[start:start + chunk].float() / temp  # (c, K)
+            t = targets[start:start + chunk]  # (c, K)
+            total += (t.sum(-1) * torch.logsumexp(x, -1)).sum() - (t * x).sum()
+        ctx.save_for_backward(logits, targets)
+        ctx.temp, ctx.chunk = temp, chunk
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        logits, targets = ctx.saved_tensors
+        grad = torch.empty_like(logits)  # (S, K)
+        scale = grad_output.float() / ctx.temp
+        for start in range(0, len(logits), ctx.chunk):
+            x = logits[start:start + ctx.chunk].float() / ctx.temp  # (c, K)
+            t = targets[start:start + ctx.chunk]  # (c, K)
+            grad[start:start + ctx.chunk] = (torch.softmax(x, -1) * t.sum(-1, keepdim=True) - t) * scale
+        return grad, None, None, None
+
+
+class PatchWiseDINOLoss(nn.Module):
+    """DINO's cross-entropy between the sharpened, centred teacher and the student, on [CLS] and on
+    every matched patch pair; one center row per teacher token position.
+
+    For a view pair (teacher global view i, student view v) the loss is the mean over its valid
+    (image, token) entries of ``-softmax((t - center) / teacher_temp) . log_softmax(s / student_temp)``;
+    the total is the mean over view pairs. With [CLS]-only matches it is DINO's loss.
+    """
+
+    def __init__(self, out_dim: int, num_positions: int, warmup_teacher_temp: float, teacher_temp: float,
+                 warmup_teacher_temp_epochs: int, nepochs: int, student_temp: float = 0.1,
+                 center_momentum: float = 0.9, chunk_elements: Optional[int] = None):
+        super().__init__()
+        self.student_temp, self.center_momentum = student_temp, center_momentum
+        self.chunk_elements = chunk_elements  # elements per (rows, K) temporary; None: 2^26 on GPU, 2^21 on CPU
+        self.register_buffer("center", torch.zeros(1, num_positions, out_dim))
+        warmup = max(0, min(warmup_teacher_temp_epochs, nepochs))
+        self.teacher_temp_schedule = np.concatenate((np.linspace(warmup_teacher_temp, teacher_temp, warmup),
+                                                     np.full(max(nepochs - warmup, 1), teacher_temp)))
+
+    def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor, plan: LossPlan,
+                epoch: int) -> tuple:
+        """``student_out`` (S, K): head outputs at ``plan.student_rows``; ``teacher_out`` (2B, T, K).
+
+        Returns the loss and a dict of detached diagnostics; updates the center."""
+        _, T, K = teacher_out.shape
+        if tuple(self.center.shape[1:]) != (T, K):
+            raise ValueError(f"teacher output has {T} tokens of dim {K}; the center is {tuple(self.center.shape)}")
+        if tuple(student_out.shape) != (len(plan.student_rows), K):
+            raise ValueError(f"student output {tuple(student_out.shape)} does not match the plan's "
+                             f"{len(plan.student_rows)} rows of dim {K}")
+        temp = float(self.teacher_temp_schedule[min(epoch, len(self.teacher_temp_schedule) - 1)])
+        chunk = self.chunk_elements or (2 ** 26 if teacher_out.is_cuda else 2 ** 21)
+        with torch.no_grad():
+            targets, entry_ce, row_entropy = self._targets(student_out, teacher_out, plan, temp, chunk)
+        loss = _SoftTargetCrossEntropy.apply(student_out, targets, self.student_temp, max(1, chunk // K))
+        stats = self._diagnostics(entry_ce.detach(), row_entropy.view(-1, T), plan)
+        self.update_center(teacher_out)
+        return loss, stats
+
+    @torch.no_grad()
+    def _targets(self, student_out: torch.Tensor, teacher_out: torch.Tensor, plan: LossPlan, temp: float,
+                 chunk: int) -> tuple:
+        """Per student row, the weighted sum of the teacher distributions it is matched to (S, K); the
+        cross-entropy of every entry (E,); the entropy of every teacher row (2B*T,). Teacher images are
+        processed in chunks so that no (2B*T, K) float32 copy is ever held."""
+        N, T, K = teacher_out.shape
+        s_rows = max(1, chunk // K)
+        student_lse = torch.cat([torch.logsumexp(student_out[i:i + s_rows].float() / self.student_temp, -1)
+                                 for i in range(0, len(student_out), s_rows)])  # (S,)
+        targets = torch.zeros(student_out.shape, dtype=torch.float32, device=student_out.device)  # (S, K)
+        entry_ce = torch.empty(len(plan.entry_teacher), device=student_out.device)  # (E,)
+        row_entropy = torch.empty(N * T, device=student_out.device)  # (2B*T,)
+        order = torch.argsort(plan.entry_teacher)  # entries sorted by teacher row
+        images_per_chunk = max(1, chunk // (T * K))
+        starts = torch.arange(0, N + images_per_chunk, images_per_chunk, device=order.device).clamp_max(N) * T
+        bounds = torch.searchsorted(plan.entry_teacher[order], starts).tolist()
+        for c, first in enumerate(range(0, N, images_per_chunk)):
+            logits = (teacher_out[first:first + images_per_chunk].float() - self.center) / temp  # (n, T, K)
+            log_q = torch.log_softmax(logits, -1).flatten(0, 1)  # (n*T, K)
+            q = log_q.exp()  # (n*T, K)
+            row_entropy[first * T:first * T + len(q)] = -(q * log_q).sum(-1)
+            sel = order[bounds[c]:bounds[c + 1]]  # (e,) entries whose teacher row is in this chunk
+            q_e = q[plan.entry_teacher[sel] - first * T]  # (e, K)
+            rows = plan.entry_student[sel]  # (e,)
+            targets.index_add_(0, rows, q_e * plan.entry_weight[sel, None])
+            entry_ce[sel] = student_lse[rows] - (q_e * student_out[rows].float()).sum(-1) / self.student_temp
+        return targets, entry_ce, row_entropy
+
+    @staticmethod
+    def _diagnostics(entry_ce: torch.Tensor, row_entropy: torch.Tensor, plan: LossPlan) -> dict:
+        """Mean cross-entropy, teacher entropy and KL(teacher || student) for [CLS] and patch tokens."""
+        entry_kl = entry_ce - row_entropy.flatten()[plan.entry_teacher]  # (E,)
+        is_cls = plan.entry_is_cls.float()  # (E,)
+        n_cls, n_patch = is_cls.sum().clamp_min(1), (1 - is_cls).sum().clamp_min(1)
+        stats = {"loss_cls": (entry_ce * is_cls).sum() / n_cls, "teacher_entropy_cls": row_entropy[:, 0].mean(),
+                 "kl_cls": (entry_kl * is_cls).sum() / n_cls}
+        if row_entropy.shape[1] > 1:
+            stats.update(loss_patch=(entry_ce * (1 - is_cls)).sum() / n_patch,
+                         teacher_entropy_patch=row_entropy[:, 1:].mean(),
+                         kl_patch=(entry_kl * (1 - is_cls)).sum() / n_patch)
+        return stats
+
+    @torch.no_grad()
+    def update_center(self, teacher_out: torch.Tensor) -> None:
+        """EMA of the per-position batch mean of the teacher outputs, averaged over all processes."""
+        batch_center = teacher_out.sum(0, keepdim=True, dtype=torch.float32) / len(teacher_out)  # (1, T, K)
+        utils.all_reduce_mean(batch_center)
+        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Optimisation
+# ----------------------------------------------------------------------------------------------------
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and a layer-wise trust ratio (You et al., 2017) for weight matrices; 1-D
+    parameters (biases, norms) get plain momentum SGD without weight decay, as in DINO."""
+
+    def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
+                 eta: float = 0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                update = p.grad
+                if p.ndim > 1:
+                    update = update.add(p, alpha=group["weight_decay"])
+                    p_norm, u_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(update)
+                    trust = torch.where((p_norm > 0) & (u_norm > 0), group["eta"] * p_norm / u_norm,
+                                        torch.ones_like(p_norm))
+                    update = update * trust
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.mul_(group["momentum"]).add_(update)
+                p.add_(buf, alpha=-group["lr"])
+
+
+def build_optimizer(args: argparse.Namespace, student: nn.Module) -> torch.optim.Optimizer:
+    """AdamW (fused on CUDA), SGD or LARS over two groups: weights with decay, biases/norms without.
+    The learning rate and weight decay are set at every step by the schedules."""
+    groups = utils.get_params_groups(student)
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(groups, fused=args.device.type == "cuda")
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=0, momentum=0.9)
+    if args.optimizer == "lars":
+        return LARS(groups)
+    raise utils.UserError(f"unknown --optimizer {args.optimizer!r}: choose adamw, sgd or lars")
+
+
+def build_schedules(args: argparse.Namespace, niter_per_ep: int) -> dict:
+    """Per-iteration lr (linear scaling with the total batch, warm-up, cosine), weight decay, teacher momentum."""
+    total_batch = args.batch_size_per_gpu * args.world_size
+    return {
+        "lr": utils.cosine_scheduler(args.lr * total_batch / 256.0, args.min_lr, args.epochs, niter_per_ep,
+                                     warmup_epochs=args.warmup_epochs),
+        "wd": utils.cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, niter_per_ep),
+        "momentum": utils.cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, niter_per_ep),
+    }
+
+
+class Precision(NamedTuple):
+    """Autocast settings: ``dtype`` None trains in float32; ``scaler`` only with float16."""
+    device_type: str
+    dtype: Optional[torch.dtype]
+    scaler: Optional[torch.amp.GradScaler]
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
+
+
+def setup_precision(args: argparse.Namespace) -> Precision:
+    device_type = args.device.type
+    if not args.use_fp16:
+        return Precision(device_type, None, None)
+    if device_type != "cuda":
+        print("--use_fp16 asks for half precision, which needs a CUDA GPU: training in float32 on the CPU")
+        return Precision(device_type, None, None)
+    if args.amp_dtype == "bfloat16":
+        if not torch.cuda.is_bf16_supported():
+            raise utils.UserError("this GPU does not support bfloat16: use --amp_dtype float16")
+        print("Mixed precision: bfloat16 autocast (no gradient scaler)")
+        return Precision(device_type, torch.bfloat16, None)
+    print("Mixed precision: float16 autocast with a gradient scaler")
+    return Precision(device_type, torch.float16, torch.amp.GradScaler("cuda"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------
+class TrainState(NamedTuple):
+    student: nn.Module  # MultiCropWrapper, DDP-wrapped in training
+    teacher: nn.Module  # MultiCropWrapper, no gradients
+    dino_loss: PatchWiseDINOLoss
+    optimizer: torch.optim.Optimizer
+    precision: Precision
+
+
+def view_token_counts(crops: Sequence[torch.Tensor], patch_size: int, all_tokens: bool) -> list:
+    """Backbone output rows per image of each view: 1 + grid cells, or 1 for [CLS] only."""
+    return [1 + (c.shape[-2] // patch_size) * (c.shape[-1] // patch_size) if all_tokens else 1 for c in crops]
+
+
+def train_step(state: TrainState, batch: MultiCropBatch, epoch: int, lr: float, wd: float, momentum: float,
+               args: argparse.Namespace) -> dict:
+    """One optimisation step of the student and one EMA step of the teacher; returns the (all-reduced)
+    loss and diagnostics as floats. Raises ``UserError`` on a non-finite loss, before any update."""
+    student, teacher, dino_loss, optimizer, precision = state
+    for i, group in enumerate(optimizer.param_groups):
+        group["lr"] = lr
+        if i == 0:  # only the weights are regularised
+            group["weight_decay"] = wd
+    device = next(teacher.parameters()).device
+    crops = [c.to(device, non_blocking=True) for c in batch.crops]  # V x (B, 3, S, S)
+    patch_size, B = unwrap(student).backbone.patch_size, len(crops[0])
+    view_tokens = view_token_counts(crops, patch_size, args.patch_loss)
+    plan = make_loss_plan(*(t.to(device, non_blocking=True) for t in batch[1:]), view_tokens, view_tokens[0])
+    with precision.autocast():
+        with torch.no_grad():
+            teacher_out = teacher(crops[:NUM_GLOBAL], all_tokens=args.patch_loss)  # (2B*T, K)
+        teacher_out = teacher_out.unflatten(0, (NUM_GLOBAL * B, view_tokens[0]))  # (2B, T, K)
+        student_out = student(crops, plan.student_rows, all_tokens=args.patch_loss)  # (S, K)
+        loss, stats = dino_loss(student_out, teacher_out, plan, epoch)
+    values = utils.all_reduce_mean(torch.stack([loss.detach().float(), *stats.values()]))  # (1 + n,)
+    values = dict(zip(["loss", *stats], values.tolist()))
+    if not math.isfinite(values["loss"]):
+        raise utils.UserError(f"the loss is {values['loss']} at epoch {epoch}: training stopped; the last good "
+                              f"checkpoint is kept in {args.output_dir} (try a lower --lr, --clip_grad, or "
+                              f"--use_fp16 false)")
+    optimizer.zero_grad(set_to_none=True)
+    scaler = precision.scaler
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    if scaler is not None and args.clip_grad:
+        scaler.unscale_(optimizer)  # clip the true gradients
+    if args.clip_grad:
+        utils.clip_gradients(student, args.clip_grad)
+    utils.cancel_gradients_last_layer(epoch, student, args.freeze_last_layer)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    update_teacher(student, teacher, momentum)
+    return values
+
+
+@torch.no_grad()
+def update_teacher(student: nn.Module, teacher: nn.Module, momentum: float) -> None:
+    """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter."""
+    teacher_params = list(teacher.parameters())
+    student_params = [p.detach() for p in unwrap(student).parameters()]
+    torch._foreach_mul_(teacher_params, momentum)
+    torch._foreach_add_(teacher_params, student_params, alpha=1 - momentum)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """A seed per (seed, epoch, rank): a resumed run draws the same crops as an uninterrupted one."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+def train_one_epoch(state: TrainState, loader: torch.utils.data.DataLoader, schedules: dict, epoch: int,
+                    args: argparse.Namespace) -> dict:
+    """Train for one epoch; returns the epoch averages of the printed and diagnostic meters."""
+    logger, diagnostics = utils.MetricLogger(delimiter="  "), utils.MetricLogger()
+    header = f"Epoch: [{epoch}/{args.epochs}]"
+    images_per_step = args.batch_size_per_gpu * args.world_size
+    last = time.time()
+    for it, batch in enumerate(logger.log_every(loader, args.print_freq, header)):
+        step = len(loader) * epoch + it
+        lr, wd = float(schedules["lr"][step]), float(schedules["wd"][step])
+        values = train_step(state, batch, epoch, lr, wd, float(schedules["momentum"][step]), args)
+        now = time.time()
+        shown = {k: values.pop(k) for k in ("loss", "loss_cls", "loss_patch") if k in values}
+        logger.update(**shown, lr=lr, wd=wd, img_s=images_per_step / max(now - last, 1e-9))
+        diagnostics.update(**values)
+        last = now
+    print(f"Averaged stats: {logger}")
+    return {name: meter.global_avg for name, meter in {**logger.meters, **diagnostics.meters}.items()}
+
+
+def prepare_output_dir(path: str) -> None:
+    """Create ``path`` and check that a file can be written there."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test"):
+            pass
+    except OSError as exc:
+        raise utils.UserError(f"--output_dir {path} is not a writable folder ({exc.strerror or exc}): "
+                              f"choose another --output_dir") from None
+
+
+def resume(args: argparse.Namespace, state: TrainState) -> int:
+    """Restore everything from ``output_dir/checkpoint.pth`` if it exists; returns the epoch to start at."""
+    path = os.path.join(args.output_dir, "checkpoint.pth")
+    run_variables = {"epoch": 0}
+    try:
+        utils.restart_from_checkpoint(path, run_variables=run_variables, student=state.student,
+                                      teacher=state.teacher, optimizer=state.optimizer,
+                                      fp16_scaler=state.precision.scaler, dino_loss=state.dino_loss)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise utils.UserError(f"cannot resume from {path}, written with other settings "
+                              f"({str(exc).strip().splitlines()[0][:200]}): pass the settings of that run or "
+                              f"another --output_dir") from None
+    return int(run_variables["epoch"])
+
+
+def save_checkpoint(args: argparse.Namespace, state: TrainState, epoch: int) -> None:
+    """DINO layout: student (DDP keys), teacher, optimizer, next epoch, args, center, scaler."""
+    checkpoint = {"student": state.student.state_dict(), "teacher": state.teacher.state_dict(),
+                  "optimizer": state.optimizer.state_dict(), "epoch": epoch + 1, "args": args,
+                  "dino_loss": state.dino_loss.state_dict()}
+    if state.precision.scaler is not None:
+        checkpoint["fp16_scaler"] = state.precision.scaler.state_dict()
+    utils.save_on_master(checkpoint, os.path.join(args.output_dir, "checkpoint.pth"))
+    if args.saveckp_freq and epoch % args.saveckp_freq == 0:
+        utils.save_on_master(checkpoint, os.path.join(args.output_dir, f"checkpoint{epoch:04}.pth"))
+
+
+def main(args: argparse.Namespace) -> TrainState:
+    check_args(args)
+    prepare_output_dir(args.output_dir)
+    utils.init_distributed_mode(args)
+    utils.fix_random_seeds(args.seed)  # the same initial weights in every process
+    print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+    if utils.is_main_process():
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=1, default=str)
+    precision = setup_precision(args)
+    loader = build_loader(args)
+    student, teacher = build_models(args)
+    num_positions = 1 + (args.global_size // args.patch_size) ** 2 if args.patch_loss else 1
+    dino_loss = PatchWiseDINOLoss(args.out_dim, num_positions, args.warmup_teacher_temp, args.teacher_temp,
+                                  args.warmup_teacher_temp_epochs, args.epochs,
+                                  center_momentum=args.center_momentum).to(args.device)
+    state = TrainState(student, teacher, dino_loss, build_optimizer(args, student), precision)
+    schedules = build_schedules(args, len(loader))
+    total_batch = args.batch_size_per_gpu * args.world_size
+    print(f"Total batch size {total_batch} ({args.world_size} processes x {args.batch_size_per_gpu}); effective "
+          f"lr {args.lr * total_batch / 256:.3g} (--lr {args.lr} x {total_batch}/256); {len(loader)} steps/epoch")
+    print(f"Loss: {'[CLS] + matched patch tokens' if args.patch_loss else '[CLS] only (vanilla DINO)'}; center "
+          f"{tuple(dino_loss.center.shape)}. Collapse check: a loss stuck at ln(K) = {math.log(args.out_dim):.2f} "
+          f"with KL ~ 0 is collapse (uniform if teacher entropy ~ ln(K), one-hot if ~ 0)")
+    start_epoch = resume(args, state)
+    start_time = time.time()
+    print(f"Starting Patch-Wise DINO training from epoch {start_epoch} to {args.epochs}")
+    for epoch in range(start_epoch, args.epochs):
+        loader.sampler.set_epoch(epoch)
+        torch.manual_seed(epoch_seed(args.seed, epoch, args.rank))
+        stats = train_one_epoch(state, loader, schedules, epoch, args)
+        save_checkpoint(args, state, epoch)
+        utils.append_json_log(args.output_dir, {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch})
+    print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
+    return state
+
+
+if __name__ == "__main__":
+    utils.run_cli(main, argparse.ArgumentParser("Patch-Wise DINO", parents=[get_args_parser()]).parse_args())

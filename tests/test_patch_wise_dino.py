@@ -1,0 +1,351 @@
+"""Patch-Wise DINO loss and training step, held against independent computations.
+
+- With [CLS]-only matches the loss, the updated center and the weights after one optimiser step equal a
+  plain re-implementation of DINO's training step (several batch sizes, crop counts, temperatures).
+- With patch matches the loss and its gradient equal a direct per-image, per-pair loop.
+- Matched tokens move the loss; unmatched tokens and padding do not.
+"""
+import argparse
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import patch_wise_dino as pwd
+import utils
+from vision_transformer import DINOHead, VisionTransformer
+
+STUDENT_TEMP = 0.1
+
+
+# ----------------------------------------------------------------------------------------------------
+# Independent references
+# ----------------------------------------------------------------------------------------------------
+def dino_reference_loss(student_views, teacher_views, center, teacher_temp):
+    """DINO's loss: mean over (teacher global iq, student view v != iq) of the batch-mean cross-entropy."""
+    total, terms = 0.0, 0
+    for iq, t in enumerate(teacher_views):
+        q = torch.softmax((t - center) / teacher_temp, dim=-1)
+        for v, s in enumerate(student_views):
+            if v == iq:
+                continue
+            total = total + torch.sum(-q * F.log_softmax(s / STUDENT_TEMP, dim=-1), dim=-1).mean()
+            terms += 1
+    return total / terms
+
+
+def loop_reference_loss(student_views, teacher, center, matches, teacher_temp):
+    """Per image, per view pair, per matched token: the definition of the patch-wise loss.
+
+    ``student_views[v]`` (B, T_v, K); ``teacher`` (2B, T, K); ``center`` (1, T, K);
+    ``matches[b]`` a list of (i, v, idx_t, idx_s)."""
+    B = len(matches)
+    num_pairs = len(matches[0])
+    total = 0.0
+    for p in range(num_pairs):
+        pair_sum, count = 0.0, 0
+        for b in range(B):
+            i, v, idx_t, idx_s = matches[b][p]
+            for tt, ss in zip(idx_t.tolist(), idx_s.tolist()):
+                q = torch.softmax((teacher[i * B + b, tt] - center[0, tt]) / teacher_temp, dim=-1)
+                pair_sum = pair_sum + torch.sum(-q * F.log_softmax(student_views[v][b, ss] / STUDENT_TEMP, dim=-1))
+                count += 1
+        total = total + pair_sum / count
+    return total / num_pairs
+
+
+def random_matches(rng, num_views, grids, B):
+    """Per image, the (i, v, idx_t, idx_s) of every view pair: [CLS] first, then a random number (0 included)
+    of distinct random patch pairs, so images have different numbers of matches."""
+    matches = []
+    for _ in range(B):
+        item = []
+        for i in range(2):
+            for v in range(num_views):
+                if v == i:
+                    continue
+                n = int(rng.integers(0, min(grids[i], grids[v]) ** 2 + 1))
+                idx_t = 1 + rng.choice(grids[i] ** 2, n, replace=False)
+                idx_s = 1 + rng.choice(grids[v] ** 2, n, replace=False)
+                item.append((i, v, np.concatenate([[0], idx_t]).astype(np.int64),
+                             np.concatenate([[0], idx_s]).astype(np.int64)))
+        matches.append(item)
+    return matches
+
+
+def gather_student(student_views, plan):
+    """The student logits at ``plan.student_rows`` (MultiCropWrapper's flat layout)."""
+    flat = torch.cat([s.flatten(0, 1) for s in student_views])  # (sum_v B*T_v, K)
+    return flat[plan.student_rows]  # (S, K)
+
+
+def make_loss(K, T, teacher_temp, center, chunk_elements=None, warmup_temp=None, warmup_epochs=0):
+    loss = pwd.PatchWiseDINOLoss(K, T, warmup_temp or teacher_temp, teacher_temp, warmup_epochs, nepochs=10,
+                                 chunk_elements=chunk_elements)
+    loss.center.copy_(center)
+    return loss
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loss
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("B,n_local,teacher_temp,K", [(1, 0, 0.04, 32), (3, 2, 0.07, 64), (5, 6, 0.04, 17)])
+def test_cls_only_loss_center_and_gradient_equal_dino(B, n_local, teacher_temp, K):
+    torch.manual_seed(B)
+    V = 2 + n_local
+    student_views = [torch.randn(B, K, dtype=torch.float64).float() * 3 for _ in range(V)]
+    teacher_views = [torch.randn(B, K) * 2 for _ in range(2)]
+    center = torch.randn(1, 1, K)
+    batch = pwd.collate_multicrop([([torch.zeros(3, 4, 4)] * V, pwd.cls_only_matches(V))] * B)
+    plan = pwd.make_loss_plan(*batch[1:], view_tokens=[1] * V, teacher_tokens=1)
+    assert torch.equal(plan.student_rows, torch.arange(V * B))  # [CLS] of every view, view by view
+
+    leaves = [s.clone().requires_grad_() for s in student_views]
+    loss_fn = make_loss(K, 1, teacher_temp, center)
+    loss, stats = loss_fn(gather_student([s[:, None] for s in leaves], plan),
+                          torch.cat(teacher_views)[:, None], plan, epoch=3)
+    loss.backward()
+
+    ref_leaves = [s.clone().requires_grad_() for s in student_views]
+    ref = dino_reference_loss(ref_leaves, teacher_views, center[0], teacher_temp)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats["loss_cls"], ref.detach(), rtol=1e-5, atol=1e-5)
+    assert "loss_patch" not in stats
+    for got, want in zip(leaves, ref_leaves):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-7)
+    want_center = 0.9 * center[0] + 0.1 * torch.cat(teacher_views).mean(0, keepdim=True)  # (1, K)
+    torch.testing.assert_close(loss_fn.center, want_center[None], rtol=1e-6, atol=1e-6)
+
+
+def test_teacher_temperature_warmup_schedule():
+    torch.manual_seed(0)
+    K, B = 16, 2
+    student_views = [torch.randn(B, K) for _ in range(3)]
+    teacher_views = [torch.randn(B, K) for _ in range(2)]
+    batch = pwd.collate_multicrop([([torch.zeros(3, 4, 4)] * 3, pwd.cls_only_matches(3))] * B)
+    plan = pwd.make_loss_plan(*batch[1:], view_tokens=[1] * 3, teacher_tokens=1)
+    loss_fn = make_loss(K, 1, 0.04, torch.zeros(1, 1, K), warmup_temp=0.07, warmup_epochs=3)
+    loss, _ = loss_fn(gather_student([s[:, None] for s in student_views], plan),
+                      torch.cat(teacher_views)[:, None], plan, epoch=1)
+    ref = dino_reference_loss(student_views, teacher_views, torch.zeros(1, K), 0.055)  # linspace(.07, .04, 3)[1]
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_elements", [None, 40])
+@pytest.mark.parametrize("B,n_local,seed", [(1, 1, 0), (3, 2, 1), (4, 0, 2)])
+def test_patch_loss_equals_per_image_per_pair_loop(B, n_local, seed, chunk_elements):
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    K, grids = 8, [3, 3] + [2] * n_local  # global views 3x3 patches, local views 2x2
+    V, T = len(grids), 1 + 9
+    matches = random_matches(rng, V, grids, B)
+    batch = pwd.collate_multicrop([([torch.zeros(3, 4, 4)] * V, m) for m in matches])
+    view_tokens = [1 + g * g for g in grids]
+    plan = pwd.make_loss_plan(*batch[1:], view_tokens=view_tokens, teacher_tokens=T)
+    distinct = {(v, b, s) for b, item in enumerate(matches) for _, v, _, idx_s in item for s in idx_s.tolist()}
+    assert len(plan.student_rows) == len(distinct)  # the head runs once per (view, image, token)
+
+    student_views = [torch.randn(B, t, K) * 2 for t in view_tokens]
+    teacher = torch.randn(2 * B, T, K) * 2
+    center = torch.randn(1, T, K) * 0.5
+    leaves = [s.clone().requires_grad_() for s in student_views]
+    loss_fn = make_loss(K, T, 0.06, center, chunk_elements=chunk_elements)
+    loss, stats = loss_fn(gather_student(leaves, plan), teacher, plan, epoch=0)
+    loss.backward()
+
+    ref_leaves = [s.clone().requires_grad_() for s in student_views]
+    ref = loop_reference_loss(ref_leaves, teacher, center, matches, 0.06)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(leaves, ref_leaves):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(loss_fn.center, 0.9 * center + 0.1 * teacher.mean(0, keepdim=True))
+    assert set(stats) == {"loss_cls", "loss_patch", "teacher_entropy_cls", "teacher_entropy_patch", "kl_cls",
+                          "kl_patch"}
+    log_q = torch.log_softmax((teacher - center) / 0.06, -1)
+    entropy = -(log_q.exp() * log_q).sum(-1)  # (2B, T)
+    torch.testing.assert_close(stats["teacher_entropy_cls"], entropy[:, 0].mean())
+    torch.testing.assert_close(stats["teacher_entropy_patch"], entropy[:, 1:].mean())
+    assert stats["kl_cls"] >= 0 and stats["kl_patch"] >= 0
+
+
+def test_matched_token_changes_loss_unmatched_and_padding_do_not():
+    rng = np.random.default_rng(5)
+    torch.manual_seed(5)
+    B, K, grids = 2, 8, [3, 3, 2]
+    view_tokens, T = [1 + g * g for g in grids], 10
+    matches = random_matches(rng, 3, grids, B)
+    # image 0: global 0 <-> local 2 share exactly global token 4 / local token 3
+    matches[0][1] = (0, 2, np.array([0, 4]), np.array([0, 3]))
+    matches[0][3] = (1, 2, np.array([0]), np.array([0]))
+    batch = pwd.collate_multicrop([([torch.zeros(3, 4, 4)] * 3, m) for m in matches])
+    student = [torch.randn(B, t, K) for t in view_tokens]
+    teacher = torch.randn(2 * B, T, K)
+
+    def loss_of(student_views, teacher_out, b=batch):
+        plan = pwd.make_loss_plan(*b[1:], view_tokens=view_tokens, teacher_tokens=T)
+        loss_fn = make_loss(K, T, 0.04, torch.zeros(1, T, K))
+        return loss_fn(gather_student(student_views, plan), teacher_out, plan, epoch=0)[0]
+
+    base = loss_of(student, teacher)
+    unmatched = [t for t in range(view_tokens[2]) if t not in (0, 3)]
+    changed = [s.clone() for s in student]
+    changed[2][0, 3] += torch.randn(K)  # matched student token
+    assert not torch.allclose(loss_of(changed, teacher), base)
+    changed = [s.clone() for s in student]
+    changed[2][0, unmatched] += 5 * torch.randn(len(unmatched), K)  # local view 2, image 0: tokens no pair uses
+    assert torch.equal(loss_of(changed, teacher), base)
+    changed_teacher = teacher.clone()
+    changed_teacher[0, 4] = -teacher[0, 4]  # matched teacher token of image 0, global 0: another argmax
+    assert not torch.allclose(loss_of(student, changed_teacher), base)
+
+    padded = batch.mask.logical_not()
+    assert padded.any()
+    garbage = batch._replace(teacher_idx=torch.where(padded, 1, batch.teacher_idx),
+                             student_idx=torch.where(padded, 1, batch.student_idx))
+    changed = [s.clone() for s in student]
+    for s in changed:
+        s[:, 1] += 3 * torch.randn(B, K)  # what the garbage padding now points at, where it is not matched itself
+    matched_1 = {(v, b) for b, item in enumerate(matches) for _, v, _, idx_s in item if 1 in idx_s.tolist()}
+    for v, b in matched_1:
+        changed[v][b, 1] = student[v][b, 1]
+    assert torch.equal(loss_of(changed, teacher, garbage), loss_of(student, teacher, batch))
+
+
+def test_fewer_than_two_views_is_a_value_error():
+    batch = pwd.collate_multicrop([([torch.zeros(3, 4, 4)] * 2, pwd.cls_only_matches(2))])
+    with pytest.raises(ValueError, match="at least 2 views"):
+        pwd.make_loss_plan(*batch[1:], view_tokens=[1], teacher_tokens=1)
+    with pytest.raises(ValueError):
+        pwd.make_loss_plan(batch.pairs[:0], batch.teacher_idx[:0], batch.student_idx[:0], batch.mask[:0],
+                           view_tokens=[1, 1], teacher_tokens=1)
+
+
+def test_out_of_range_matches_are_refused():
+    batch = pwd.collate_multicrop([([torch.zeros(3, 4, 4)] * 2, [(0, 1, np.array([0, 5]), np.array([0, 1])),
+                                                                 (1, 0, np.array([0]), np.array([0]))])])
+    with pytest.raises(ValueError, match="tokens"):
+        pwd.make_loss_plan(*batch[1:], view_tokens=[5, 5], teacher_tokens=5)
+
+
+def test_collate_pads_and_masks():
+    items = [([torch.full((3, 8, 8), float(b)), torch.zeros(3, 4, 4)],
+              [(0, 1, np.arange(n), np.arange(n) + 1), (1, 0, np.array([0]), np.array([0]))])
+             for b, n in enumerate([1, 4, 2])]
+    batch = pwd.collate_multicrop(items)
+    assert [tuple(c.shape) for c in batch.crops] == [(3, 3, 8, 8), (3, 3, 4, 4)]
+    assert batch.crops[0][2].eq(2).all()
+    assert batch.pairs.tolist() == [[0, 1], [1, 0]]
+    assert batch.mask.shape == (2, 3, 4)
+    assert batch.mask[0].sum(1).tolist() == [1, 4, 2] and batch.mask[1].sum(1).tolist() == [1, 1, 1]
+    assert batch.student_idx[0, 1].tolist() == [1, 2, 3, 4]
+
+
+# ----------------------------------------------------------------------------------------------------
+# One training step against DINO's
+# ----------------------------------------------------------------------------------------------------
+def tiny_wrapper(seed):
+    torch.manual_seed(seed)
+    backbone = VisionTransformer(img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=2)
+    return pwd.MultiCropWrapper(backbone, DINOHead(24, 40, hidden_dim=32, bottleneck_dim=16))
+
+
+def clip_reference(model, clip):
+    for p in model.parameters():
+        if p.grad is not None:
+            coef = clip / (p.grad.norm() + 1e-6)
+            if coef < 1:
+                p.grad.mul_(coef)
+
+
+@pytest.mark.parametrize("B,n_local,teacher_temp,epoch", [(2, 0, 0.04, 1), (3, 2, 0.07, 0), (4, 3, 0.04, 2)])
+def test_cls_only_training_step_equals_dino(B, n_local, teacher_temp, epoch):
+    torch.manual_seed(10 + B)
+    V = 2 + n_local
+    crops = [torch.randn(B, 3, 32, 32) for _ in range(2)] + [torch.randn(B, 3, 16, 16) for _ in range(n_local)]
+    batch = pwd.collate_multicrop([([c[b] for c in crops], pwd.cls_only_matches(V)) for b in range(B)])
+    student = tiny_wrapper(0)
+    teacher = copy.deepcopy(student)
+    for p in teacher.parameters():
+        p.requires_grad = False
+    student_ref, teacher_ref = copy.deepcopy(student), copy.deepcopy(teacher)
+    center = torch.randn(1, 1, 40) * 0.1
+    lr, wd, momentum, clip = 1e-3, 0.05, 0.99, 0.5
+
+    loss_fn = make_loss(40, 1, teacher_temp, center)
+    optimizer = torch.optim.AdamW(utils.get_params_groups(student))
+    state = pwd.TrainState(student, teacher, loss_fn, optimizer, pwd.Precision("cpu", None, None))
+    args = argparse.Namespace(patch_loss=False, clip_grad=clip, freeze_last_layer=1, output_dir="unused")
+    values = pwd.train_step(state, batch, epoch, lr, wd, momentum, args)
+
+    # DINO, written out: [CLS] of every view through backbone + head, loss, clip, freeze, AdamW, EMA
+    optimizer_ref = torch.optim.AdamW(utils.get_params_groups(student_ref))
+    for i, group in enumerate(optimizer_ref.param_groups):
+        group["lr"] = lr
+        group["weight_decay"] = wd if i == 0 else 0.0
+    teacher_out = teacher_ref.head(teacher_ref.backbone(torch.cat(crops[:2]))).chunk(2)
+    student_out = [student_ref.head(student_ref.backbone(c)) for c in crops]
+    ref = dino_reference_loss(student_out, teacher_out, center[0], teacher_temp)
+    ref.backward()
+    clip_reference(student_ref, clip)
+    if epoch < 1:
+        student_ref.head.last_layer.weight_v.grad = None
+    optimizer_ref.step()
+    with torch.no_grad():
+        for ps, pt in zip(student_ref.parameters(), teacher_ref.parameters()):
+            pt.mul_(momentum).add_((1 - momentum) * ps)
+
+    assert values["loss"] == pytest.approx(ref.item(), rel=1e-5)
+    for (name, got), want in zip(student.named_parameters(), student_ref.parameters()):
+        if want.grad is None:
+            assert got.grad is None, name
+            continue
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-4 * want.grad.abs().max().item())
+        # Adam's first step is about lr * sign(gradient): float noise in a gradient near Adam's eps (e.g. the
+        # key bias, which softmax ignores) moves a weight by up to 2 lr; elsewhere weights agree to fp precision.
+        tol = torch.where(want.grad.abs() < 1e-6, 2.5 * lr, 1e-6)
+        assert ((got - want).abs() <= tol).all(), f"student {name}"
+    for (name, got), want, ps in zip(teacher.named_parameters(), teacher_ref.parameters(), student_ref.parameters()):
+        tol = (1 - momentum) * 2.5 * lr if ps.grad is not None and (ps.grad.abs() < 1e-6).any() else 1e-6
+        torch.testing.assert_close(got, want, rtol=0, atol=tol, msg=f"teacher {name}")
+    want_center = 0.9 * center + 0.1 * torch.cat(teacher_out).detach().mean(0)
+    torch.testing.assert_close(loss_fn.center, want_center, rtol=1e-5, atol=1e-6)
+    last_layer_moved = not torch.equal(student.head.last_layer.weight_v, tiny_wrapper(0).head.last_layer.weight_v)
+    assert last_layer_moved == (epoch >= 1)  # frozen during the first --freeze_last_layer epochs
+
+
+def test_patch_training_step_reaches_every_parameter():
+    torch.manual_seed(3)
+    B, V = 2, 4
+    crops = [torch.randn(B, 3, 32, 32) for _ in range(2)] + [torch.randn(B, 3, 16, 16) for _ in range(2)]
+    rng = np.random.default_rng(0)
+    matches = random_matches(rng, V, [4, 4, 2, 2], B)
+    batch = pwd.collate_multicrop([([c[b] for c in crops], matches[b]) for b in range(B)])
+    student = tiny_wrapper(1)
+    student.head.last_layer.weight_g.requires_grad = True
+    teacher = copy.deepcopy(student).requires_grad_(False)
+    loss_fn = make_loss(40, 17, 0.04, torch.zeros(1, 17, 40))
+    before = copy.deepcopy(student)
+    state = pwd.TrainState(student, teacher, loss_fn, torch.optim.SGD(student.parameters(), lr=0.1),
+                           pwd.Precision("cpu", None, None))
+    args = argparse.Namespace(patch_loss=True, clip_grad=0.0, freeze_last_layer=0, output_dir="unused")
+    values = pwd.train_step(state, batch, 0, 0.1, 0.0, 0.9, args)
+    assert all(np.isfinite(v) for v in values.values())
+    for (name, p), p0 in zip(student.named_parameters(), before.parameters()):
+        assert not torch.equal(p, p0), f"{name} got no gradient"
+    assert loss_fn.center.abs().sum() > 0
+
+
+def test_lars_step_matches_formula():
+    torch.manual_seed(0)
+    w, b = torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(3))
+    w.grad, b.grad = torch.randn(3, 4), torch.randn(3)
+    w0, b0, gw, gb = w.detach().clone(), b.detach().clone(), w.grad.clone(), b.grad.clone()
+    pwd.LARS([{"params": [w, b]}], lr=0.5, weight_decay=0.1, momentum=0.9, eta=0.01).step()
+    update = gw + 0.1 * w0
+    update = update * 0.01 * w0.norm() / update.norm()
+    torch.testing.assert_close(w.detach(), w0 - 0.5 * update)
+    torch.testing.assert_close(b.detach(), b0 - 0.5 * gb)  # 1-D: no decay, no trust ratio

@@ -29,7 +29,7 @@ import utils
 from transforms import IMAGENET_MEAN, IMAGENET_STD
 
 FEATURE_FILES = ("trainfeat.pth", "testfeat.pth", "trainlabels.pth", "testlabels.pth")
-CHUNK_ELEMENTS = 2 ** 24  # largest (test chunk x train) similarity block held at once, in elements
+CHUNK_ELEMENTS = {"cpu": 2 ** 24, "cuda": 2 ** 28}  # largest similarity block held at once (64 MiB, 1 GiB)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -115,13 +115,19 @@ def _search_faiss(train_features: torch.Tensor, test_features: torch.Tensor,
     return torch.cat(sims), torch.cat(indices).long()  # (N_test, k)
 
 
+def chunk_budget(device: torch.device, chunk_elements: Optional[int] = None) -> int:
+    """``chunk_elements``, or the default for the device (64 MiB of float32 on CPU, 1 GiB on CUDA)."""
+    return chunk_elements or CHUNK_ELEMENTS.get(device.type, CHUNK_ELEMENTS["cpu"])
+
+
 @torch.no_grad()
 def knn_search(train_features: torch.Tensor, test_features: torch.Tensor, k: int, backend: Optional[str] = None,
-               chunk_elements: int = CHUNK_ELEMENTS) -> Tuple[torch.Tensor, torch.Tensor]:
+               chunk_elements: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` train features of largest inner product with each test feature, most similar first.
 
     Returns ``(similarities, indices)``, both (N_test, k), on the CPU for faiss and on the features'
-    device for torch. At most about ``chunk_elements`` similarities are held at once.
+    device for torch. At most about ``chunk_elements`` similarities are held at once (default: see
+    ``chunk_budget``).
     """
     if train_features.dim() != 2 or test_features.dim() != 2 or train_features.shape[1] != test_features.shape[1]:
         raise utils.UserError(f"train and test features must be (N, D) with the same D, got "
@@ -130,12 +136,13 @@ def knn_search(train_features: torch.Tensor, test_features: torch.Tensor, k: int
         raise utils.UserError(f"k must be in [1, {train_features.shape[0]}] (the training-set size), got {k}")
     backend = resolve_backend(backend, train_features.device)
     search = _search_torch if backend == "torch" else _search_faiss
-    return search(train_features, test_features.to(train_features.device), k, chunk_elements)
+    return search(train_features, test_features.to(train_features.device), k,
+                  chunk_budget(train_features.device, chunk_elements))
 
 
 @torch.no_grad()
 def knn_vote(similarities: torch.Tensor, neighbor_labels: torch.Tensor, test_labels: torch.Tensor, k: int,
-             T: float, num_classes: int, chunk_elements: int = CHUNK_ELEMENTS) -> Tuple[float, float]:
+             T: float, num_classes: int, chunk_elements: Optional[int] = None) -> Tuple[float, float]:
     """Top-1 and top-5 accuracy (percent) of the weighted vote of the first ``k`` neighbours.
 
     ``similarities`` and ``neighbor_labels`` are (N_test, >=k), most similar first. Each neighbour adds
@@ -146,7 +153,7 @@ def knn_vote(similarities: torch.Tensor, neighbor_labels: torch.Tensor, test_lab
     if num_test == 0:
         raise utils.UserError("there are no test features to classify")
     top_n = min(5, k, num_classes)
-    rows = max(1, chunk_elements // max(num_classes, k))
+    rows = max(1, chunk_budget(similarities.device, chunk_elements) // max(num_classes, k))
     correct1 = correct5 = 0
     for start in range(0, num_test, rows):
         sims = similarities[start:start + rows, :k].float()  # (b, k)
@@ -182,7 +189,7 @@ def _check_labels(train_labels: torch.Tensor, test_labels: torch.Tensor, num_tra
 @torch.no_grad()
 def knn_classifier(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
                    test_labels: torch.Tensor, k: int, T: float, num_classes: Optional[int] = None,
-                   backend: Optional[str] = None, chunk_elements: int = CHUNK_ELEMENTS) -> Tuple[float, float]:
+                   backend: Optional[str] = None, chunk_elements: Optional[int] = None) -> Tuple[float, float]:
     """Weighted k-NN (DINO): top-1 and top-5 accuracy in percent.
 
     Features are (N, D), L2-normalised (so inner product = cosine similarity); labels are (N,) integers.

@@ -48,10 +48,12 @@ def write_dino_checkpoint(path: str, arch: str = "vit_tiny", patch_size: int = 1
 
 
 def clean_env() -> dict:
-    """The environment without distributed variables a surrounding launcher may have set."""
+    """The environment without distributed variables a surrounding launcher may have set, and with no GPU
+    visible: the tests run on the CPU everywhere (two torchrun processes cannot share one GPU)."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
            and not k.startswith("SLURM_")}
+    env["CUDA_VISIBLE_DEVICES"] = ""
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     return env
 

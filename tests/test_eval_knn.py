@@ -106,12 +106,20 @@ def image_data(tmp_path_factory):
     return root, data, checkpoint
 
 
-def test_end_to_end_teacher_separates_classes_and_dump_load_round_trip(image_data):
+@pytest.fixture(scope="module")
+def single_process_run(image_data):
+    """One plain-python run on the image folder with the teacher, dumping its features."""
     root, data, checkpoint = image_data
     dump = str(root / "features_1proc")
-    first = last_json(run_script("eval_knn.py", ["--data_path", data, "--pretrained_weights", checkpoint,
-                                                 "--checkpoint_key", "teacher", "--dump_features", dump,
-                                                 *SMALL_ARGS]))
+    result = last_json(run_script("eval_knn.py", ["--data_path", data, "--pretrained_weights", checkpoint,
+                                                  "--checkpoint_key", "teacher", "--dump_features", dump,
+                                                  *SMALL_ARGS]))
+    return result, dump
+
+
+def test_end_to_end_teacher_separates_classes_and_dump_load_round_trip(image_data, single_process_run):
+    root, _, _ = image_data
+    first, dump = single_process_run
     assert set(first["knn"]) == {"1", "5", "20"}
     assert first["knn"]["1"]["top1"] == 100.0 and first["knn"]["5"]["top1"] == 100.0
     assert sorted(os.listdir(dump)) == sorted(eval_knn.FEATURE_FILES)
@@ -124,14 +132,13 @@ def test_end_to_end_teacher_separates_classes_and_dump_load_round_trip(image_dat
     assert loaded == first
 
 
-def test_torchrun_two_processes_match_one_process(image_data):
+def test_torchrun_two_processes_match_one_process(image_data, single_process_run):
     root, data, checkpoint = image_data
-    one, two = str(root / "features_a"), str(root / "features_b")
-    single = run_script("eval_knn.py", ["--data_path", data, "--pretrained_weights", checkpoint,
-                                        "--dump_features", one, *SMALL_ARGS])
+    single, one = single_process_run
+    two = str(root / "features_2proc")
     double = run_script("eval_knn.py", ["--data_path", data, "--pretrained_weights", checkpoint,
                                         "--dump_features", two, *SMALL_ARGS], nproc=2)
-    assert last_json(double) == last_json(single)
+    assert last_json(double) == single
     for name in eval_knn.FEATURE_FILES:  # 13 and 5 images: the sampler pads, gathering by index must not
         a, b = torch.load(os.path.join(one, name)), torch.load(os.path.join(two, name))
         assert a.shape == b.shape

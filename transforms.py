@@ -209,7 +209,8 @@ class DataAugmentationPatchWiseDINO:
         self.global_size, self.local_size, self.resize = global_size, local_size, resize
         self.photometric = photometric
         # (out_size, scale, blur p, solarize p) of each view, in output order
-        self.views = ([(global_size, self.global_crops_scale, 1.0, 0.0), (global_size, self.global_crops_scale, 0.1, 0.2)]
+        self.views = ([(global_size, self.global_crops_scale, 1.0, 0.0),
+                       (global_size, self.global_crops_scale, 0.1, 0.2)]
                       + [(local_size, self.local_crops_scale, 0.5, 0.0)] * local_crops_number)
 
     def __call__(self, image: Union[Image.Image, np.ndarray]) -> tuple:

@@ -67,7 +67,8 @@ class DinoStyleMultiCrop:
 
     def __call__(self, image: Image.Image) -> list:
         image = self.resize(image)
-        return [self.global_1(image), self.global_2(image)] + [self.local(image) for _ in range(self.local_crops_number)]
+        local_crops = [self.local(image) for _ in range(self.local_crops_number)]
+        return [self.global_1(image), self.global_2(image)] + local_crops
 
 
 def get_args_parser() -> argparse.ArgumentParser:

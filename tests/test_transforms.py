@@ -161,8 +161,8 @@ def test_ops_match_torchvision_pil(photos):
             assert d.mean() < 1.5, (sigma, d.mean())
         assert diff(transforms.to_grayscale(pixels), image.convert("L").convert("RGB")).max() <= 1
         assert diff(transforms.solarize(pixels), ImageOps.solarize(image, 128)).max() == 0
-        assert torch.allclose(transforms.normalize(pixels), F.normalize(F.to_tensor(image), MEAN.flatten(), STD.flatten()),
-                              atol=1e-5)
+        reference = F.normalize(F.to_tensor(image), MEAN.flatten(), STD.flatten())
+        assert torch.allclose(transforms.normalize(pixels), reference, atol=1e-5)
 
 
 def image_statistics(pixels: np.ndarray) -> np.ndarray:

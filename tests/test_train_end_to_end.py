@@ -1,0 +1,246 @@
+"""patch_wise_dino.py end to end on the CPU: training, checkpoints, resume, data sources, torchrun, bad input.
+
+Tiny settings throughout (vit_tiny at 48 px, out_dim 64, generated images) so the file runs in about a minute.
+"""
+import argparse
+import builtins
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import patch_wise_dino as pwd
+import utils
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--arch", "vit_tiny", "--patch_size", "16", "--global_size", "48", "--local_size", "32", "--resize", "64",
+        "--out_dim", "64", "--batch_size_per_gpu", "2", "--local_crops_number", "2", "--num_workers", "0",
+        "--use_fp16", "false", "--warmup_epochs", "1", "--print_freq", "1", "--lr", "0.005"]
+
+
+def write_images(folder, count, size=80, seed=0):
+    """Smooth colour gradients with a few rectangles: enough structure for crops to differ."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    for k in range(count):
+        img = np.stack([(np.sin(6 * xx * rng.uniform(0.5, 2) + c) + 1) * 120 * yy ** rng.uniform(0.2, 2)
+                        for c in range(3)], -1)
+        for _ in range(3):
+            y, x = rng.integers(0, size - 20, 2)
+            img[y:y + 20, x:x + 12] = rng.integers(0, 255, 3)
+        Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(os.path.join(folder, f"img{k}.png"))
+
+
+@pytest.fixture
+def fresh_process_group():
+    """``main`` joins a one-process group and wraps ``print``; undo both after the test."""
+    saved_print = builtins.print
+    yield
+    if utils.is_dist_avail_and_initialized():
+        torch.distributed.destroy_process_group()
+    builtins.print = saved_print
+
+
+def run(argv):
+    parser = argparse.ArgumentParser(parents=[pwd.get_args_parser()])
+    return pwd.main(parser.parse_args(argv))
+
+
+def read_log(output_dir):
+    with open(os.path.join(output_dir, "log.txt")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_train_two_epochs_then_resume_for_a_third(tmp_path, fresh_process_group):
+    write_images(tmp_path / "data" / "class_a", 3)
+    write_images(tmp_path / "data" / "class_b", 3, seed=1)
+    out = str(tmp_path / "out")
+    argv = TINY + ["--data_path", str(tmp_path / "data"), "--output_dir", out, "--saveckp_freq", "2"]
+    run(argv + ["--epochs", "2", "--num_workers", "1"])
+    assert len(read_log(out)) == 2
+    run(argv + ["--epochs", "3"])
+
+    log = read_log(out)
+    assert [line["epoch"] for line in log] == [0, 1, 2]
+    for line in log:
+        for key in ("train_loss", "train_lr", "train_wd", "train_loss_cls", "train_loss_patch",
+                    "train_teacher_entropy_cls", "train_teacher_entropy_patch", "train_kl_cls", "train_kl_patch"):
+            assert math.isfinite(line[key]), key
+        assert 0 < line["train_loss"] < 2 * math.log(64)
+    assert sorted(os.listdir(out)) == ["args.json", "checkpoint.pth", "checkpoint0000.pth", "checkpoint0002.pth",
+                                       "log.txt"]
+    ckpt = utils.load_checkpoint(os.path.join(out, "checkpoint.pth"))
+    assert set(ckpt) == {"student", "teacher", "optimizer", "epoch", "args", "dino_loss"}
+    assert ckpt["epoch"] == 3 and ckpt["args"].arch == "vit_tiny"
+    assert all(k.startswith(("module.backbone.", "module.head.")) for k in ckpt["student"])
+    assert all(k.startswith(("backbone.", "head.")) for k in ckpt["teacher"])
+    assert {"head.last_layer.weight_g", "head.last_layer.weight_v", "backbone.cls_token"} <= set(ckpt["teacher"])
+    assert {f"module.{k}" for k in ckpt["teacher"]} == set(ckpt["student"])
+    assert ckpt["dino_loss"]["center"].shape == (1, 1 + 3 * 3, 64)  # one row per teacher token position
+    assert ckpt["dino_loss"]["center"].abs().sum() > 0
+    model = utils.build_backbone("vit_tiny", 16)  # what the evaluation scripts load
+    utils.load_pretrained_weights(model, os.path.join(out, "checkpoint.pth"), "teacher", "vit_tiny", 16)
+    torch.testing.assert_close(model.cls_token, ckpt["teacher"]["backbone.cls_token"])
+
+
+def test_resume_gives_the_same_teacher_as_an_uninterrupted_run(tmp_path, fresh_process_group, monkeypatch):
+    write_images(tmp_path / "data", 4)
+    argv = TINY + ["--data_path", str(tmp_path / "data"), "--epochs", "3", "--seed", "7"]
+    run(argv + ["--output_dir", str(tmp_path / "straight")])
+
+    real_epoch = pwd.train_one_epoch
+
+    def interrupted(state, loader, schedules, epoch, args):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real_epoch(state, loader, schedules, epoch, args)
+
+    monkeypatch.setattr(pwd, "train_one_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(argv + ["--output_dir", str(tmp_path / "resumed")])
+    assert utils.load_checkpoint(str(tmp_path / "resumed" / "checkpoint.pth"))["epoch"] == 2
+    monkeypatch.setattr(pwd, "train_one_epoch", real_epoch)
+    run(argv + ["--output_dir", str(tmp_path / "resumed")])
+
+    straight = utils.load_checkpoint(str(tmp_path / "straight" / "checkpoint.pth"))
+    resumed = utils.load_checkpoint(str(tmp_path / "resumed" / "checkpoint.pth"))
+    for part in ("teacher", "student", "dino_loss"):
+        for key, value in straight[part].items():
+            assert torch.equal(value, resumed[part][key]), f"{part} {key}"
+    assert [line["train_loss"] for line in read_log(tmp_path / "straight")] == \
+           [line["train_loss"] for line in read_log(tmp_path / "resumed")]
+
+
+def write_fake_cifar(folder, per_batch=3):
+    rng = np.random.default_rng(0)
+    os.makedirs(folder)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 255, (per_batch, 3072), dtype=np.uint8),
+                 b"labels": rng.integers(0, 10, per_batch).tolist()}
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+
+
+def test_vanilla_dino_on_cifar_python_batches(tmp_path, fresh_process_group):
+    write_fake_cifar(tmp_path / "cifar-10-batches-py")
+    out = str(tmp_path / "out")
+    run(["--arch", "vit_tiny", "--patch_size", "8", "--global_size", "32", "--local_size", "16", "--resize", "0",
+         "--out_dim", "32", "--batch_size_per_gpu", "4", "--local_crops_number", "2", "--num_workers", "0",
+         "--epochs", "1", "--patch_loss", "false", "--data_path", str(tmp_path), "--output_dir", out])
+    ckpt = utils.load_checkpoint(os.path.join(out, "checkpoint.pth"))
+    assert ckpt["dino_loss"]["center"].shape == (1, 1, 32)  # [CLS] only
+    (line,) = read_log(out)
+    assert math.isfinite(line["train_loss"]) and "train_loss_patch" not in line
+
+
+def test_image_sources(tmp_path):
+    write_images(tmp_path / "flat", 2)
+    assert isinstance(pwd.build_image_source(str(tmp_path / "flat")), pwd.ImageList)
+    write_images(tmp_path / "classes" / "a", 2)
+    write_images(tmp_path / "classes" / "b", 1)
+    assert len(pwd.build_image_source(str(tmp_path / "classes"))) == 3
+    write_images(tmp_path / "splits" / "train" / "a", 2)
+    write_images(tmp_path / "splits" / "val" / "a", 1)
+    assert len(pwd.build_image_source(str(tmp_path / "splits"))) == 2  # train only, never val
+    image, _ = pwd.build_image_source(pwd.default_data_path())[0]  # the shipped sample photos
+    assert image.mode == "RGB"
+    for bad in (tmp_path / "missing", tmp_path / "empty"):
+        os.makedirs(tmp_path / "empty", exist_ok=True)
+        with pytest.raises(utils.UserError):
+            pwd.build_image_source(str(bad))
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--global_size", "40"], "--global_size 40 is not a positive multiple of --patch_size 16"),
+    (["--local_size", "20"], "--local_size 20"),
+    (["--arch", "vit_huge"], "unknown --arch 'vit_huge'"),
+    (["--data_path", "/nonexistent/images"], "does not exist"),
+    (["--batch_size_per_gpu", "8"], "fewer than one batch"),
+])
+def test_bad_settings_are_user_errors(tmp_path, fresh_process_group, extra, message):
+    write_images(tmp_path / "data", 3)
+    argv = TINY + ["--data_path", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out")] + extra
+    with pytest.raises(utils.UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        run(argv)
+
+
+def test_unwritable_output_and_undecodable_image(tmp_path, fresh_process_group):
+    write_images(tmp_path / "data", 1)
+    (tmp_path / "data" / "broken.jpg").write_bytes(b"not a jpeg at all")
+    (tmp_path / "a_file").write_text("x")
+    argv = TINY + ["--data_path", str(tmp_path / "data"), "--epochs", "1"]
+    with pytest.raises(utils.UserError, match="not a writable folder"):
+        run(argv + ["--output_dir", str(tmp_path / "a_file" / "out")])
+    with pytest.raises(utils.UserError, match="broken.jpg"):
+        run(argv + ["--output_dir", str(tmp_path / "out")])
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, fresh_process_group):
+    write_images(tmp_path / "data", 2)
+    out = str(tmp_path / "out")
+    argv = TINY + ["--data_path", str(tmp_path / "data"), "--output_dir", out]
+    run(argv + ["--epochs", "1"])
+    good = utils.load_checkpoint(os.path.join(out, "checkpoint.pth"))
+    with pytest.raises(utils.UserError, match="the loss is nan at epoch 1"):
+        run(argv + ["--epochs", "2", "--teacher_temp", "0", "--warmup_teacher_temp", "0"])
+    kept = utils.load_checkpoint(os.path.join(out, "checkpoint.pth"))
+    assert kept["epoch"] == 1 and torch.equal(kept["teacher"]["backbone.pos_embed"],
+                                              good["teacher"]["backbone.pos_embed"])
+    assert len(read_log(out)) == 1
+
+
+def test_cli_errors_are_one_line_without_traceback(tmp_path):
+    write_images(tmp_path / "data", 1)
+    (tmp_path / "data" / "zz_broken.png").write_bytes(b"\x89PNG garbage")
+    cases = [(["--data_path", str(tmp_path / "nowhere")], "does not exist"),
+             (["--data_path", str(tmp_path / "data"), "--num_workers", "1"], "zz_broken.png")]
+    for extra, needle in cases:
+        proc = subprocess.run([sys.executable, os.path.join(REPO, "patch_wise_dino.py"), *TINY, "--epochs", "1",
+                               "--output_dir", str(tmp_path / "out"), *extra],
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback" not in proc.stderr
+        error_lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(error_lines) == 1 and needle in error_lines[0], proc.stderr
+
+
+TORCHRUN_SCRIPT = """
+import argparse, sys
+import torch
+sys.path.insert(0, {repo!r})
+import patch_wise_dino as pwd, utils
+
+def run(args):
+    state = pwd.main(args)
+    torch.save({{"teacher": state.teacher.state_dict(), "center": state.dino_loss.center,
+                "world_size": utils.get_world_size()}}, f"{{args.output_dir}}/rank{{args.rank}}.pt")
+
+utils.run_cli(run, argparse.ArgumentParser(parents=[pwd.get_args_parser()]).parse_args())
+"""
+
+
+def test_torchrun_two_processes_on_cpu(tmp_path):
+    write_images(tmp_path / "data", 8)
+    script = tmp_path / "train_and_dump.py"
+    script.write_text(TORCHRUN_SCRIPT.format(repo=REPO))
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), *TINY, "--epochs", "2", "--data_path", str(tmp_path / "data"),
+                           "--output_dir", str(out)], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
+    for key, value in ranks[0]["teacher"].items():
+        assert torch.equal(value, ranks[1]["teacher"][key]), key
+    assert torch.equal(ranks[0]["center"], ranks[1]["center"]) and ranks[0]["center"].abs().sum() > 0
+    assert len(read_log(out)) == 2
+    assert "Total batch size 4 (2 processes x 2)" in proc.stdout

@@ -15,7 +15,7 @@ features (the reference centered only the features it whitened); mAP is printed 
 import argparse
 import json
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch

@@ -187,7 +187,6 @@ def test_whitening_decorrelates_and_scales_to_unit_variance():
 
 
 def test_search_faiss_and_torch_agree_with_brute_force():
-    rng = np.random.default_rng(1)
     queries, database = torch.randn(7, 16), torch.randn(30, 16)
     expected = np.argsort(-(torch.nn.functional.normalize(queries, dim=1)
                             @ torch.nn.functional.normalize(database, dim=1).T).numpy(), axis=1)[:, :5]
@@ -195,7 +194,6 @@ def test_search_faiss_and_torch_agree_with_brute_force():
     assert copydays.search(queries, database[:3], 20, torch.device("cpu")).shape == (7, 3)
     if torch.cuda.is_available():
         np.testing.assert_array_equal(copydays.search(queries, database, 5, torch.device("cuda")), expected)
-    del rng
 
 
 # ----------------------------------------------------------------------------------------------------

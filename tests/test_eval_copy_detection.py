@@ -187,7 +187,8 @@ def test_whitening_decorrelates_and_scales_to_unit_variance():
 
 
 def test_search_faiss_and_torch_agree_with_brute_force():
-    queries, database = torch.randn(7, 16), torch.randn(30, 16)
+    g = torch.Generator().manual_seed(0)
+    queries, database = torch.randn(7, 16, generator=g), torch.randn(30, 16, generator=g)
     expected = np.argsort(-(torch.nn.functional.normalize(queries, dim=1)
                             @ torch.nn.functional.normalize(database, dim=1).T).numpy(), axis=1)[:, :5]
     np.testing.assert_array_equal(copydays.search(queries, database, 5, torch.device("cpu")), expected)

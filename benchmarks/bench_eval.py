@@ -47,6 +47,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", default=32, type=int, help="Extraction: batch size.")
     parser.add_argument("--batches", default=4, type=int, help="Extraction: timed batches (after one warm-up).")
     parser.add_argument("--num_workers", default=2, type=int, help="Extraction: data loading workers.")
+    parser.add_argument("--threads", default=0, type=int, help="k-NN: CPU threads for torch and faiss "
+                        "(0: their defaults).")
     parser.add_argument("--cuda", default=False, type=utils.bool_flag, help="Also measure on the GPU.")
     parser.add_argument("--worker", default=None, choices=["knn"], help="Internal: run one measurement.")
     parser.add_argument("--backend", default="faiss", type=str, help="Internal: k-NN backend of the worker.")
@@ -79,6 +81,11 @@ def rss_mib() -> float:
 def knn_worker(args: argparse.Namespace) -> None:
     """One backend, one process: print a JSON line with time, memory and accuracies."""
     device = torch.device(args.device)
+    if args.threads > 0:
+        import faiss
+
+        torch.set_num_threads(args.threads)
+        faiss.omp_set_num_threads(args.threads)
     train, train_labels = clustered_features(args.num_train, args.dim, args.num_classes, args.spread, seed=1)
     test, test_labels = clustered_features(args.num_test, args.dim, args.num_classes, args.spread, seed=2)
     train, train_labels, test, test_labels = (t.to(device) for t in (train, train_labels, test, test_labels))
@@ -92,19 +99,21 @@ def knn_worker(args: argparse.Namespace) -> None:
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     extra = {"gpu_peak_mib": torch.cuda.max_memory_allocated() / 2 ** 20} if device.type == "cuda" else {}
-    print(json.dumps({"backend": args.backend, "device": args.device, "seconds": seconds, "rss_before_mib": before,
+    print(json.dumps({"backend": args.backend, "device": args.device, "threads": torch.get_num_threads(),
+                      "seconds": seconds, "rss_before_mib": before,
                       "peak_rss_mib": peak, "knn": results, **extra}))
 
 
 def bench_knn(args: argparse.Namespace) -> bool:
     runs = [("faiss", "cpu"), ("torch", "cpu")] + ([("torch", "cuda")] if args.cuda else [])
     print(f"k-NN: {args.num_train} train x {args.num_test} test features of width {args.dim}, {args.num_classes} "
-          f"clustered classes (spread {args.spread}), k = {args.nb_knn}, {torch.get_num_threads()} CPU threads")
+          f"clustered classes (spread {args.spread}), k = {args.nb_knn}, "
+          f"{args.threads or torch.get_num_threads()} CPU threads")
     measured = {}
     for backend, device in runs:
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", "knn", "--backend", backend, "--device", device,
                "--num_train", str(args.num_train), "--num_test", str(args.num_test), "--dim", str(args.dim),
-               "--num_classes", str(args.num_classes), "--spread", str(args.spread),
+               "--num_classes", str(args.num_classes), "--spread", str(args.spread), "--threads", str(args.threads),
                "--nb_knn", *map(str, args.nb_knn)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         m = json.loads(out.strip().splitlines()[-1])

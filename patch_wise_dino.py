@@ -363,34 +363,29 @@ def make_loss_plan(pairs: torch.Tensor, teacher_idx: torch.Tensor, student_idx: 
                     teacher_idx.flatten()[keep] == 0)
 
 
-class _SoftTargetCrossEntropy(torch.autograd.Function):
-    """sum_r sum_k -targets[r, k] * log_softmax(logits[r] / temp)[k], in row chunks.
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot products of two (R, K) tensors without an (R, K) temporary: (R,)."""
+    return torch.einsum("rk,rk->r", a, b)
 
-    Saves only ``logits`` and ``targets`` (no (S, K) log-softmax); the backward pass recomputes the
-    softmax chunk by chunk: d/dlogits = (softmax(logits / temp) * sum_k targets - targets) / temp.
+
+class _PrecomputedGradient(torch.autograd.Function):
+    """``value``, whose gradient with respect to ``logits`` is ``grad``, both computed by the caller.
+
+    ``PatchWiseDINOLoss`` computes the soft-target cross-entropy and its gradient in one chunked pass, in
+    place of the (S, K) targets, so that no log-softmax is stored and no second (S, K) buffer is made.
+    The backward pass scales ``grad`` in place: it can run once.
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, temp: float, chunk: int) -> torch.Tensor:
-        total = torch.zeros((), dtype=torch.float32, device=logits.device)
-        for start in range(0, len(logits), chunk):
-            x = logits[start:start + chunk].float() / temp  # (c, K)
-            t = targets[start:start + chunk]  # (c, K)
-            total += (t.sum(-1) * torch.logsumexp(x, -1)).sum() - (t * x).sum()
-        ctx.save_for_backward(logits, targets)
-        ctx.temp, ctx.chunk = temp, chunk
-        return total
+    def forward(ctx, logits: torch.Tensor, value: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(grad)
+        ctx.dtype = logits.dtype
+        return value.clone()
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        logits, targets = ctx.saved_tensors
-        grad = torch.empty_like(logits)  # (S, K)
-        scale = grad_output.float() / ctx.temp
-        for start in range(0, len(logits), ctx.chunk):
-            x = logits[start:start + ctx.chunk].float() / ctx.temp  # (c, K)
-            t = targets[start:start + ctx.chunk]  # (c, K)
-            grad[start:start + ctx.chunk] = (torch.softmax(x, -1) * t.sum(-1, keepdim=True) - t) * scale
-        return grad, None, None, None
+        (grad,) = ctx.saved_tensors
+        return grad.mul_(grad_output).to(ctx.dtype), None, None
 
 
 class PatchWiseDINOLoss(nn.Module):
@@ -425,55 +420,86 @@ class PatchWiseDINOLoss(nn.Module):
             raise ValueError(f"student output {tuple(student_out.shape)} does not match the plan's "
                              f"{len(plan.student_rows)} rows of dim {K}")
         temp = float(self.teacher_temp_schedule[min(epoch, len(self.teacher_temp_schedule) - 1)])
-        chunk = self.chunk_elements or (2 ** 26 if teacher_out.is_cuda else 2 ** 21)
+        rows = max(1, (self.chunk_elements or (2 ** 26 if teacher_out.is_cuda else 2 ** 21)) // K)
         with torch.no_grad():
-            targets, entry_ce, row_entropy = self._targets(student_out, teacher_out, plan, temp, chunk)
-        loss = _SoftTargetCrossEntropy.apply(student_out, targets, self.student_temp, max(1, chunk // K))
-        stats = self._diagnostics(entry_ce.detach(), row_entropy.view(-1, T), plan)
+            targets, teacher_entropy = self._targets(teacher_out, plan, len(student_out), temp, rows)
+            mass = torch.zeros(len(student_out), device=student_out.device)  # (S,) = sum_k targets
+            mass.index_add_(0, plan.entry_student, plan.entry_weight)
+            row_loss, grad = self._student_pass(student_out, targets, mass, rows)
+        loss = _PrecomputedGradient.apply(student_out, row_loss.sum(), grad)
+        stats = self._diagnostics(row_loss, mass, teacher_entropy.view(-1, T), plan)
         self.update_center(teacher_out)
         return loss, stats
 
     @torch.no_grad()
-    def _targets(self, student_out: torch.Tensor, teacher_out: torch.Tensor, plan: LossPlan, temp: float,
-                 chunk: int) -> tuple:
-        """Per student row, the weighted sum of the teacher distributions it is matched to (S, K); the
-        cross-entropy of every entry (E,); the entropy of every teacher row (2B*T,). Teacher images are
-        processed in chunks so that no (2B*T, K) float32 copy is ever held."""
+    def _targets(self, teacher_out: torch.Tensor, plan: LossPlan, num_student: int, temp: float,
+                 rows: int) -> tuple:
+        """Per student row, the weighted sum of the teacher distributions it is matched to (S, K), and the
+        entropy of every teacher row (2B*T,). Teacher tokens are processed about ``rows`` at a time, in
+        reused buffers: no float32 copy of the whole teacher output is ever held."""
         N, T, K = teacher_out.shape
-        s_rows = max(1, chunk // K)
-        student_lse = torch.cat([torch.logsumexp(student_out[i:i + s_rows].float() / self.student_temp, -1)
-                                 for i in range(0, len(student_out), s_rows)])  # (S,)
-        targets = torch.zeros(student_out.shape, dtype=torch.float32, device=student_out.device)  # (S, K)
-        entry_ce = torch.empty(len(plan.entry_teacher), device=student_out.device)  # (E,)
-        row_entropy = torch.empty(N * T, device=student_out.device)  # (2B*T,)
+        device = teacher_out.device
+        images, span = max(1, rows // T), min(T, rows)  # a block: several whole images or part of one
+        blocks = [(n, a) for n in range(0, N, images) for a in range(0, T, span)]
+        starts = [n * T + a for n, a in blocks] + [N * T]  # blocks are contiguous ranges of flat rows
         order = torch.argsort(plan.entry_teacher)  # entries sorted by teacher row
-        images_per_chunk = max(1, chunk // (T * K))
-        starts = torch.arange(0, N + images_per_chunk, images_per_chunk, device=order.device).clamp_max(N) * T
-        bounds = torch.searchsorted(plan.entry_teacher[order], starts).tolist()
-        for c, first in enumerate(range(0, N, images_per_chunk)):
-            logits = (teacher_out[first:first + images_per_chunk].float() - self.center) / temp  # (n, T, K)
-            log_q = torch.log_softmax(logits, -1).flatten(0, 1)  # (n*T, K)
-            q = log_q.exp()  # (n*T, K)
-            row_entropy[first * T:first * T + len(q)] = -(q * log_q).sum(-1)
-            sel = order[bounds[c]:bounds[c + 1]]  # (e,) entries whose teacher row is in this chunk
-            q_e = q[plan.entry_teacher[sel] - first * T]  # (e, K)
-            rows = plan.entry_student[sel]  # (e,)
-            targets.index_add_(0, rows, q_e * plan.entry_weight[sel, None])
-            entry_ce[sel] = student_lse[rows] - (q_e * student_out[rows].float()).sum(-1) / self.student_temp
-        return targets, entry_ce, row_entropy
+        bounds = torch.searchsorted(plan.entry_teacher[order], torch.tensor(starts, device=device)).tolist()
+        targets = torch.zeros(num_student, K, device=device)  # (S, K)
+        entropy = torch.empty(N * T, device=device)  # (2B*T,)
+        z_buf, log_q_buf = torch.empty(2, min(images * span, N * T), K, device=device)
+        q_buf = torch.empty(max(b - a for a, b in zip(bounds[:-1], bounds[1:])), K, device=device)
+        for k, (n, a) in enumerate(blocks):
+            block = teacher_out[n:n + images, a:a + span]  # (n', t, K)
+            z = z_buf[:block.shape[0] * block.shape[1]]  # (n'*t, K)
+            torch.sub(block, self.center[:, a:a + span], out=z.view(block.shape)).div_(temp)
+            log_q = torch.log_softmax(z, -1, out=log_q_buf[:len(z)])  # (n'*t, K)
+            q = torch.exp(log_q, out=z)  # (n'*t, K)
+            entropy[starts[k]:starts[k] + len(q)] = -_row_dot(q, log_q)
+            sel = order[bounds[k]:bounds[k + 1]]  # (e,) entries whose teacher row is in this block
+            q_e = torch.index_select(q, 0, plan.entry_teacher[sel] - starts[k], out=q_buf[:len(sel)])  # (e, K)
+            targets.index_add_(0, plan.entry_student[sel], q_e.mul_(plan.entry_weight[sel, None]))
+        return targets, entropy
+
+    @torch.no_grad()
+    def _student_pass(self, student_out: torch.Tensor, targets: torch.Tensor, mass: torch.Tensor,
+                      rows: int) -> tuple:
+        """Per student row r, the weighted cross-entropy of its entries,
+        ``mass_r * logsumexp(s_r / T) - targets_r . s_r / T`` (S,), and, in place of ``targets``, the
+        gradient ``(mass_r * softmax(s_r / T) - targets_r) / T`` (S, K)."""
+        S, K = student_out.shape
+        row_loss = torch.empty(S, device=student_out.device)  # (S,)
+        x_buf = torch.empty(min(rows, S), K, device=student_out.device)  # reused: no allocation per chunk
+        for i in range(0, S, rows):
+            t, m = targets[i:i + rows], mass[i:i + rows]  # (c, K), (c,)
+            x = x_buf[:len(t)].copy_(student_out[i:i + rows]).div_(self.student_temp)  # (c, K) float32
+            dot = _row_dot(t, x)  # (c,)
+            x_max = x.amax(-1)  # (c,)
+            sum_exp = x.sub_(x_max[:, None]).exp_().sum(-1)  # (c,); x now holds exp(x - max)
+            row_loss[i:i + rows] = m * (x_max + sum_exp.log()) - dot
+            x.mul_((m / sum_exp)[:, None])  # mass * softmax
+            torch.sub(x, t, out=t).div_(self.student_temp)
+        return row_loss, targets
 
     @staticmethod
-    def _diagnostics(entry_ce: torch.Tensor, row_entropy: torch.Tensor, plan: LossPlan) -> dict:
-        """Mean cross-entropy, teacher entropy and KL(teacher || student) for [CLS] and patch tokens."""
-        entry_kl = entry_ce - row_entropy.flatten()[plan.entry_teacher]  # (E,)
-        is_cls = plan.entry_is_cls.float()  # (E,)
-        n_cls, n_patch = is_cls.sum().clamp_min(1), (1 - is_cls).sum().clamp_min(1)
-        stats = {"loss_cls": (entry_ce * is_cls).sum() / n_cls, "teacher_entropy_cls": row_entropy[:, 0].mean(),
-                 "kl_cls": (entry_kl * is_cls).sum() / n_cls}
-        if row_entropy.shape[1] > 1:
-            stats.update(loss_patch=(entry_ce * (1 - is_cls)).sum() / n_patch,
-                         teacher_entropy_patch=row_entropy[:, 1:].mean(),
-                         kl_patch=(entry_kl * (1 - is_cls)).sum() / n_patch)
+    def _diagnostics(row_loss: torch.Tensor, mass: torch.Tensor, teacher_entropy: torch.Tensor,
+                     plan: LossPlan) -> dict:
+        """Cross-entropy, teacher entropy and KL(teacher || student) for [CLS] and for patch tokens.
+
+        Cross-entropy and KL are means over the matched entries with the loss's own weights (so with
+        [CLS] only, ``loss_cls`` is the loss); the entropy is the mean over all teacher tokens."""
+        row_is_cls = torch.zeros_like(mass, dtype=torch.bool).index_put_((plan.entry_student,), plan.entry_is_cls)
+        entry_entropy = plan.entry_weight * teacher_entropy.flatten()[plan.entry_teacher]  # (E,) weighted
+        stats = {}
+        for name, rows, entries in (("cls", row_is_cls, plan.entry_is_cls),
+                                    ("patch", ~row_is_cls, ~plan.entry_is_cls)):
+            if name == "patch" and teacher_entropy.shape[1] == 1:
+                break
+            weight = (mass * rows).sum().clamp_min(1e-12)
+            ce = (row_loss * rows).sum() / weight
+            stats[f"loss_{name}"] = ce
+            stats[f"teacher_entropy_{name}"] = teacher_entropy[:, 0].mean() if name == "cls" else \
+                teacher_entropy[:, 1:].mean()
+            stats[f"kl_{name}"] = ce - (entry_entropy * entries).sum() / weight
         return stats
 
     @torch.no_grad()
@@ -497,6 +523,10 @@ class LARS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -511,6 +541,7 @@ class LARS(torch.optim.Optimizer):
                 buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
                 buf.mul_(group["momentum"]).add_(update)
                 p.add_(buf, alpha=-group["lr"])
+        return loss
 
 
 def build_optimizer(args: argparse.Namespace, student: nn.Module) -> torch.optim.Optimizer:
@@ -599,6 +630,7 @@ def train_step(state: TrainState, batch: MultiCropBatch, epoch: int, lr: float, 
         teacher_out = teacher_out.unflatten(0, (NUM_GLOBAL * B, view_tokens[0]))  # (2B, T, K)
         student_out = student(crops, plan.student_rows, all_tokens=args.patch_loss)  # (S, K)
         loss, stats = dino_loss(student_out, teacher_out, plan, epoch)
+    del teacher_out, student_out  # the loss holds its gradient; free the (rows, K) outputs before backward
     values = utils.all_reduce_mean(torch.stack([loss.detach().float(), *stats.values()]))  # (1 + n,)
     values = dict(zip(["loss", *stats], values.tolist()))
     if not math.isfinite(values["loss"]):

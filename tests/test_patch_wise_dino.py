@@ -349,3 +349,28 @@ def test_lars_step_matches_formula():
     update = update * 0.01 * w0.norm() / update.norm()
     torch.testing.assert_close(w.detach(), w0 - 0.5 * update)
     torch.testing.assert_close(b.detach(), b0 - 0.5 * gb)  # 1-D: no decay, no trust ratio
+
+
+def test_bfloat16_autocast_step_is_close_to_float32():
+    """The half-precision path (bf16 head outputs into the loss, gradient cast back) on the CPU."""
+    torch.manual_seed(4)
+    B, V = 2, 4
+    crops = [torch.randn(B, 3, 32, 32) for _ in range(2)] + [torch.randn(B, 3, 16, 16) for _ in range(2)]
+    matches = random_matches(np.random.default_rng(4), V, [4, 4, 2, 2], B)
+    batch = pwd.collate_multicrop([([c[b] for c in crops], matches[b]) for b in range(B)])
+    args = argparse.Namespace(patch_loss=True, clip_grad=3.0, freeze_last_layer=0, output_dir="unused")
+    runs = {}
+    for dtype in (None, torch.bfloat16):
+        student = tiny_wrapper(2)
+        teacher = copy.deepcopy(student).requires_grad_(False)
+        state = pwd.TrainState(student, teacher, make_loss(40, 17, 0.1, torch.zeros(1, 17, 40)),
+                               torch.optim.SGD(student.parameters(), lr=0.1), pwd.Precision("cpu", dtype, None))
+        runs[dtype] = pwd.train_step(state, batch, 0, 0.1, 0.0, 0.9, args), student
+    (full, student_full), (half, student_half) = runs[None], runs[torch.bfloat16]
+    assert half["loss"] == pytest.approx(full["loss"], rel=2e-2)
+    for (name, p), q in zip(student_half.named_parameters(), student_full.parameters()):
+        if not p.requires_grad:
+            continue
+        assert p.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
+        cosine = F.cosine_similarity(p.grad.flatten(), q.grad.flatten(), dim=0)
+        assert cosine > 0.9, f"{name}: bf16 gradient points elsewhere ({cosine:.3f})"

@@ -75,10 +75,12 @@ def test_train_two_epochs_then_resume_for_a_third(tmp_path, fresh_process_group)
                     "train_teacher_entropy_cls", "train_teacher_entropy_patch", "train_kl_cls", "train_kl_patch"):
             assert math.isfinite(line[key]), key
         assert 0 < line["train_loss"] < 2 * math.log(64)
-    assert sorted(os.listdir(out)) == ["args.json", "checkpoint.pth", "checkpoint0000.pth", "checkpoint0002.pth",
-                                       "log.txt"]
+    files = set(os.listdir(out))
+    assert {"args.json", "checkpoint.pth", "checkpoint0000.pth", "checkpoint0002.pth", "log.txt"} <= files
+    assert "checkpoint0001.pth" not in files  # --saveckp_freq 2
     ckpt = utils.load_checkpoint(os.path.join(out, "checkpoint.pth"))
-    assert set(ckpt) == {"student", "teacher", "optimizer", "epoch", "args", "dino_loss"}
+    assert {"student", "teacher", "optimizer", "epoch", "args", "dino_loss"} <= set(ckpt)  # DINO's layout
+    assert "fp16_scaler" not in ckpt  # float32 on the CPU: no scaler
     assert ckpt["epoch"] == 3 and ckpt["args"].arch == "vit_tiny"
     assert all(k.startswith(("module.backbone.", "module.head.")) for k in ckpt["student"])
     assert all(k.startswith(("backbone.", "head.")) for k in ckpt["teacher"])
@@ -98,10 +100,10 @@ def test_resume_gives_the_same_teacher_as_an_uninterrupted_run(tmp_path, fresh_p
 
     real_epoch = pwd.train_one_epoch
 
-    def interrupted(state, loader, schedules, epoch, args):
+    def interrupted(state, loader, schedules, epoch, args, *rest, **kwargs):
         if epoch == 2:
             raise KeyboardInterrupt
-        return real_epoch(state, loader, schedules, epoch, args)
+        return real_epoch(state, loader, schedules, epoch, args, *rest, **kwargs)
 
     monkeypatch.setattr(pwd, "train_one_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):

@@ -7,6 +7,7 @@ import sys
 from typing import Dict, Optional, Sequence
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -45,6 +46,38 @@ def write_dino_checkpoint(path: str, arch: str = "vit_tiny", patch_size: int = 1
     torch.save({"student": student, "teacher": teacher, "optimizer": {}, "epoch": 1,
                 "args": argparse.Namespace(arch=arch, patch_size=patch_size, out_dim=64)}, path)
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread (and do not crawl when the CPUs are shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_teacher_student_checkpoint(path: str, patch_size: int, seed: int):
+    """A DINO training checkpoint of a random vit_tiny; returns the teacher backbone. The student has
+    other weights, so loading the wrong entry changes the results."""
+    import vision_transformer as vits
+
+    torch.manual_seed(seed)
+    teacher, student = vits.vit_tiny(patch_size=patch_size), vits.vit_tiny(patch_size=patch_size)
+    head = vits.DINOHead(192, 32, nlayers=2, hidden_dim=32, bottleneck_dim=16)
+    teacher_sd = {f"backbone.{k}": v for k, v in teacher.state_dict().items()}
+    teacher_sd.update({f"head.{k}": v for k, v in head.state_dict().items()})
+    student_sd = {f"module.backbone.{k}": v for k, v in student.state_dict().items()}
+    student_sd.update({f"module.head.{k}": v for k, v in head.state_dict().items()})
+    torch.save({"teacher": teacher_sd, "student": student_sd, "optimizer": {}, "epoch": 3, "dino_loss": {},
+                "args": argparse.Namespace(arch="vit_tiny", patch_size=patch_size)}, path)
+    return teacher.eval()
+
+
+def random_image(seed: int, size=(80, 60)) -> Image.Image:
+    """A smooth random colour field (w x h = size)."""
+    cells = (np.random.default_rng(seed).random((6, 8, 3)) * 255).astype(np.uint8)
+    return Image.fromarray(cells).resize(size, Image.Resampling.BICUBIC)
 
 
 def clean_env() -> dict:

@@ -17,41 +17,18 @@ from torchvision.transforms import functional as TF
 
 import eval_copy_detection as copydays
 import vision_transformer as vits
+from eval_testdata import one_thread, random_image, write_teacher_student_checkpoint  # noqa: F401 (fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 PATCH = 8
+pytestmark = pytest.mark.usefixtures("one_thread")
 IMSIZE = 48
 ORIGINALS = ["200000.jpg", "200100.jpg", "200200.jpg", "200300.jpg", "200400.jpg"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not crawl when the CPUs are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def write_dino_checkpoint(path: str, patch_size: int = PATCH) -> vits.VisionTransformer:
-    """A DINO training checkpoint of a random vit_tiny; returns the teacher backbone. The student has
-    other weights, so loading the wrong entry changes the results."""
-    torch.manual_seed(1)
-    teacher, student = vits.vit_tiny(patch_size=patch_size), vits.vit_tiny(patch_size=patch_size)
-    head = vits.DINOHead(192, 32, nlayers=2, hidden_dim=32, bottleneck_dim=16)
-    teacher_sd = {f"backbone.{k}": v for k, v in teacher.state_dict().items()}
-    teacher_sd.update({f"head.{k}": v for k, v in head.state_dict().items()})
-    student_sd = {f"module.backbone.{k}": v for k, v in student.state_dict().items()}
-    student_sd.update({f"module.head.{k}": v for k, v in head.state_dict().items()})
-    torch.save({"teacher": teacher_sd, "student": student_sd, "optimizer": {}, "epoch": 3, "dino_loss": {},
-                "args": argparse.Namespace(arch="vit_tiny", patch_size=patch_size)}, path)
-    return teacher.eval()
-
-
-def random_image(seed: int, size=(80, 60)) -> Image.Image:
-    cells = (np.random.default_rng(seed).random((6, 8, 3)) * 255).astype(np.uint8)
-    return Image.fromarray(cells).resize(size, Image.Resampling.BICUBIC)
+    return write_teacher_student_checkpoint(path, patch_size, seed=1)
 
 
 def make_copydays(root, blocks=copydays.QUERY_BLOCKS[1:]) -> str:

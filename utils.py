@@ -327,9 +327,13 @@ def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer:
 # ----------------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------------
-def atomic_save(obj: Any, path: str) -> None:
+def atomic_save(obj: Any, path: str, previous: Optional[str] = None) -> None:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``: a reader
-    sees either the old complete file or the new complete file, never a partial one."""
+    sees either the old complete file or the new complete file, never a partial one.
+
+    With ``previous``, the file that ``path`` held is kept there (replacing it) until the next save: a hard
+    link made before the rename, so ``path`` always names a complete file; where the file system has no
+    hard links, a rename (then, for an instant, only ``previous`` exists)."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
     try:
@@ -337,6 +341,8 @@ def atomic_save(obj: Any, path: str) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        if previous and os.path.isfile(path):
+            _keep_as_previous(path, previous)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -346,6 +352,19 @@ def atomic_save(obj: Any, path: str) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _keep_as_previous(path: str, previous: str) -> None:
+    link = os.path.join(os.path.dirname(os.path.abspath(previous)), f".{os.path.basename(previous)}.link{os.getpid()}")
+    try:
+        if os.path.lexists(link):
+            os.remove(link)
+        os.link(path, link)
+        os.replace(link, previous)
+    except OSError:
+        if os.path.lexists(link):
+            os.remove(link)
+        os.replace(path, previous)
 
 
 def save_on_master(obj: Any, path: str) -> None:
@@ -478,10 +497,21 @@ def load_pretrained_weights(model: nn.Module, pretrained_weights: Optional[str],
 # Images, pickles and datasets
 # ----------------------------------------------------------------------------------------------------
 def open_image(path: str) -> Image.Image:
-    """Decode an image file to RGB; any failure is a ``UserError`` naming the file."""
+    """Decode an image file to 8-bit RGB; any failure is a ``UserError`` naming the file.
+
+    Grayscale, palette, CMYK and alpha images are converted as torchvision's loader does (alpha is
+    dropped); 16-bit grayscale is scaled to 8 bits instead of clipped. Images over twice PIL's
+    ``Image.MAX_IMAGE_PIXELS`` (about 179 Mpixels) are refused as decompression bombs."""
     try:
         with Image.open(path) as img:
             img.load()
+            if img.mode == "I" or img.mode.startswith("I;16"):
+                values = np.asarray(img, dtype=np.float64)  # (H, W) 16 or 32-bit integers
+                if img.mode != "I" or values.max() > 255:
+                    values = values / 257.0
+                return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8)).convert("RGB")
+            if img.mode == "P" and "transparency" in img.info:
+                return img.convert("RGBA").convert("RGB")  # the palette colours, without PIL's warning
             return img.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise UserError(f"cannot decode image {path}: {exc}") from None

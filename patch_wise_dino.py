@@ -17,6 +17,7 @@ Differences from the reference code:
 - per-epoch collapse diagnostics (teacher entropy, student-teacher KL) for [CLS] and patch tokens.
 """
 import argparse
+import dataclasses
 import datetime
 import functools
 import itertools
@@ -24,7 +25,10 @@ import json
 import math
 import os
 import random
+import signal
+import sys
 import tempfile
+import threading
 import time
 from typing import NamedTuple, Optional, Sequence
 
@@ -41,6 +45,9 @@ import vision_transformer as vits
 from transforms import DataAugmentationPatchWiseDINO
 
 NUM_GLOBAL = 2
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+CHECKPOINT, PREVIOUS_CHECKPOINT = "checkpoint.pth", "checkpoint.prev.pth"
+MODEL_ARGS = ("arch", "patch_size", "out_dim", "use_bn_in_head", "norm_last_layer", "patch_loss", "optimizer")
 SPLIT_NAMES = {"train", "val", "test", "validation"}
 
 
@@ -100,6 +107,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="ImageFolder root, folder of images, or CIFAR-10 python folder (default: data/sample)")
     parser.add_argument("--output_dir", default=".", type=str, help="where checkpoints and logs go")
     parser.add_argument("--saveckp_freq", default=20, type=int, help="keep checkpointNNNN.pth every this many epochs")
+    parser.add_argument("--saveckp_iters", default=0, type=int,
+                        help="also write checkpoint.pth every this many iterations, with the position inside the "
+                             "epoch (0: only at the end of each epoch)")
+    parser.add_argument("--skip_bad_images", default=False, type=utils.bool_flag,
+                        help="skip images that cannot be decoded and count them per epoch (bad_images in log.txt) "
+                             "instead of stopping with the file's name")
     parser.add_argument("--seed", default=0, type=int, help="random seed")
     parser.add_argument("--num_workers", default=min(10, os.cpu_count() or 1), type=int,
                         help="data loading processes per process (default 10, or the number of CPUs if fewer)")
@@ -125,7 +138,7 @@ def check_args(args: argparse.Namespace) -> None:
     for flag in ("batch_size_per_gpu", "epochs", "out_dim", "print_freq"):
         if getattr(args, flag) < 1:
             raise utils.UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    for flag in ("local_crops_number", "resize", "num_workers", "saveckp_freq"):
+    for flag in ("local_crops_number", "resize", "num_workers", "saveckp_freq", "saveckp_iters", "seed"):
         if getattr(args, flag) < 0:
             raise utils.UserError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
 
@@ -182,18 +195,36 @@ def cls_only_matches(num_views: int) -> list:
 
 class MultiCropDataset(torch.utils.data.Dataset):
     """Items ``(crops, matches)``: the multi-crop views of one image and, for every (teacher global
-    view i, student view v != i), the token indices ``(i, v, idx_teacher, idx_student)`` that match."""
+    view i, student view v != i), the token indices ``(i, v, idx_teacher, idx_student)`` that match.
+
+    An index may come with a seed, ``(index, seed)`` as ``ResumableSampler`` yields it: the crops then
+    depend on that seed only, not on the process or data worker that draws them. With
+    ``skip_bad_images`` an image that cannot be decoded gives ``None`` (and a warning) instead of an error."""
 
     def __init__(self, images: torch.utils.data.Dataset, transform: DataAugmentationPatchWiseDINO,
-                 patch_size: int, patch_loss: bool):
+                 patch_size: int, patch_loss: bool, skip_bad_images: bool = False):
         self.images, self.transform = images, transform
         self.patch_size, self.patch_loss = patch_size, patch_loss
+        self.skip_bad_images = skip_bad_images
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int):
-        crops, geometries = self.transform(self.images[index][0])
+    def __getitem__(self, index):
+        index, seed = index if isinstance(index, tuple) else (index, None)
+        try:
+            image = self.images[index][0]
+        except utils.UserError as exc:
+            if not self.skip_bad_images:
+                raise
+            sys.stderr.write(f"warning: skipped by --skip_bad_images: {exc}\n")
+            return None
+        if seed is None:
+            crops, geometries = self.transform(image)
+        else:
+            with torch.random.fork_rng(devices=[]):  # the CPU generator only: CUDA's is the model's
+                torch.default_generator.manual_seed(seed)
+                crops, geometries = self.transform(image)
         if self.patch_loss:
             matches = patch_matching.match_all_pairs(geometries, self.patch_size, num_global=NUM_GLOBAL)
         else:
@@ -228,12 +259,65 @@ def collate_multicrop(batch: Sequence) -> MultiCropBatch:
                           torch.from_numpy(student_idx), torch.from_numpy(mask))
 
 
+def collate_dropping_bad(items: Sequence) -> tuple:
+    """``(batch, skipped)``: the items that decoded, collated (None when none did), and how many did not."""
+    good = [item for item in items if item is not None]
+    return (collate_multicrop(good) if good else None), len(items) - len(good)
+
+
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of image ``index`` in ``epoch``."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """``DistributedSampler``'s shuffled, padded order, split over the processes, that can begin an epoch
+    after its first ``start`` samples (counted over all processes together), so a resumed epoch skips what
+    was done without decoding it. Yields ``(index, seed)``: an image's crops depend on (--seed, epoch,
+    index) only. With ``start`` 0 the indices are those of ``DistributedSampler``."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, num_replicas: int, rank: int, seed: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.start = 0
+
+    def set_start(self, start: int) -> None:
+        self.start = start
+
+    def _remaining(self) -> int:
+        return max(self.total_size - self.start, 0)
+
+    def __iter__(self):
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.dataset), generator=generator).tolist()
+        order = (order * math.ceil(self.total_size / len(order)))[:self.total_size]  # padded as DistributedSampler
+        rest = order[self.start:]
+        if rest:
+            rest = (rest * math.ceil(len(self) * self.num_replicas / len(rest)))[:len(self) * self.num_replicas]
+        for index in rest[self.rank::self.num_replicas]:
+            yield index, item_seed(self.seed, self.epoch, index)
+
+    def __len__(self) -> int:
+        return math.ceil(self._remaining() / self.num_replicas)
+
+
 def worker_init(worker_id: int, rank: int) -> None:
-    """Seed numpy and ``random`` of a data worker from its torch seed and the rank; one OpenCV thread."""
+    """Seed numpy and ``random`` of a data worker from its torch seed and the rank.
+
+    Ctrl-C (SIGINT to the whole process group) is left to the training process, which stops after its
+    checkpoint and then shuts the workers down. On SIGTERM (the DataLoader's or multiprocessing's shutdown,
+    or a scheduler stopping every process of the job) a worker leaves at once with status 0: a worker
+    killed by the signal would make the DataLoader raise in the training process wherever it is, before the
+    checkpoint is written."""
     seed = np.random.SeedSequence([torch.initial_seed(), rank, worker_id]).generate_state(2)
     np.random.seed(int(seed[0]))
     random.seed(int(seed[1]))
-    cv2.setNumThreads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _leave_quietly)
+
+
+def _leave_quietly(signum: int, frame) -> None:
+    os._exit(0)
 
 
 def build_loader(args: argparse.Namespace) -> torch.utils.data.DataLoader:
@@ -242,17 +326,19 @@ def build_loader(args: argparse.Namespace) -> torch.utils.data.DataLoader:
                                               args.local_crops_number, args.patch_size, args.global_size,
                                               args.local_size, args.resize)
     data_path = args.data_path or default_data_path()
-    dataset = MultiCropDataset(build_image_source(data_path), transform, args.patch_size, args.patch_loss)
+    dataset = MultiCropDataset(build_image_source(data_path), transform, args.patch_size, args.patch_loss,
+                               args.skip_bad_images)
     total_batch = args.batch_size_per_gpu * args.world_size
     if len(dataset) < total_batch:
         raise utils.UserError(f"{data_path} has {len(dataset)} images, fewer than one batch of {total_batch} "
                               f"({args.world_size} processes x {args.batch_size_per_gpu}): "
                               f"lower --batch_size_per_gpu")
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=args.world_size, rank=args.rank,
-                                                  shuffle=True, seed=args.seed)
+    sampler = ResumableSampler(dataset, num_replicas=args.world_size, rank=args.rank, seed=args.seed)
+    if args.num_workers > 0:  # one OpenCV thread per worker, set before they are forked: a forked child that
+        cv2.setNumThreads(1)  # stops a thread pool its parent had started deadlocks
     loader = torch.utils.data.DataLoader(
         dataset, sampler=sampler, batch_size=args.batch_size_per_gpu, num_workers=args.num_workers,
-        pin_memory=args.device.type == "cuda", drop_last=True, collate_fn=collate_multicrop,
+        pin_memory=args.device.type == "cuda", drop_last=True, collate_fn=collate_dropping_bad,
         persistent_workers=args.num_workers > 0, worker_init_fn=functools.partial(worker_init, rank=args.rank))
     print(f"Data loaded: {len(dataset)} images from {data_path}; {transform}")
     return loader
@@ -610,10 +696,18 @@ def view_token_counts(crops: Sequence[torch.Tensor], patch_size: int, all_tokens
     return [1 + (c.shape[-2] // patch_size) * (c.shape[-1] // patch_size) if all_tokens else 1 for c in crops]
 
 
+class NonFiniteLoss(utils.UserError):
+    """The loss is NaN or infinite (in any process: it is all-reduced first)."""
+
+    def __init__(self, value: float, epoch: int):
+        super().__init__(f"the loss is {value} at epoch {epoch}: training stopped before this update")
+        self.value = value
+
+
 def train_step(state: TrainState, batch: MultiCropBatch, epoch: int, lr: float, wd: float, momentum: float,
                args: argparse.Namespace) -> dict:
     """One optimisation step of the student and one EMA step of the teacher; returns the (all-reduced)
-    loss and diagnostics as floats. Raises ``UserError`` on a non-finite loss, before any update."""
+    loss and diagnostics as floats. Raises ``NonFiniteLoss`` on a non-finite loss, before any update."""
     student, teacher, dino_loss, optimizer, precision = state
     for i, group in enumerate(optimizer.param_groups):
         group["lr"] = lr
@@ -634,9 +728,7 @@ def train_step(state: TrainState, batch: MultiCropBatch, epoch: int, lr: float, 
     values = utils.all_reduce_mean(torch.stack([loss.detach().float(), *stats.values()]))  # (1 + n,)
     values = dict(zip(["loss", *stats], values.tolist()))
     if not math.isfinite(values["loss"]):
-        raise utils.UserError(f"the loss is {values['loss']} at epoch {epoch}: training stopped; the last good "
-                              f"checkpoint is kept in {args.output_dir} (try a lower --lr, --clip_grad, or "
-                              f"--use_fp16 false)")
+        raise NonFiniteLoss(values["loss"], epoch)
     optimizer.zero_grad(set_to_none=True)
     scaler = precision.scaler
     (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -663,29 +755,326 @@ def update_teacher(student: nn.Module, teacher: nn.Module, momentum: float) -> N
     torch._foreach_add_(teacher_params, student_params, alpha=1 - momentum)
 
 
-def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    """A seed per (seed, epoch, rank): a resumed run draws the same crops as an uninterrupted one."""
-    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+def epoch_seed(seed: int, epoch: int, rank: int, samples_done: int = 0) -> int:
+    """The seed of the model's randomness (stochastic depth) in ``epoch`` on ``rank``; ``samples_done``
+    when an epoch resumes in its middle without the saved generator states."""
+    return int(np.random.SeedSequence([seed, epoch, rank] + ([samples_done] if samples_done else []))
+               .generate_state(1)[0])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Long runs: stop signals, checkpoints inside an epoch, resume
+# ----------------------------------------------------------------------------------------------------
+class StopFlag:
+    """While active (``with``), SIGTERM and SIGINT only record the signal in ``signum``; the training loop
+    checks it after each iteration, all processes agree, and they stop together after a checkpoint."""
+
+    def __init__(self):
+        self.signum = 0
+        self._previous: dict = {}
+
+    def _record(self, signum: int, frame) -> None:
+        self.signum = signum
+
+    def __enter__(self) -> "StopFlag":
+        if threading.current_thread() is threading.main_thread():  # the only thread that may set handlers
+            self._previous = {signum: signal.signal(signum, self._record) for signum in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+@dataclasses.dataclass
+class RunControl:
+    """Shared by the epochs of a run: the stop flag, and the last checkpoint written (named in messages)."""
+    stop: StopFlag
+    last_checkpoint: str = "none (nothing was saved yet)"
+
+
+class ResumePoint(NamedTuple):
+    """Where a run continues: in ``epoch``, after ``samples_done`` of its samples (all processes together)."""
+    epoch: int = 0
+    samples_done: int = 0
+    rng: Optional[dict] = None  # this process's generator states at that point; None: seed afresh
+    meters: Optional[list] = None  # [printed, diagnostics] {name: [total, count]} of the epoch so far
+    bad_images: int = 0  # images skipped so far in the epoch, all processes
+
+
+def sum_over_processes(value: int, device: torch.device) -> int:
+    """Sum of an integer over all processes; a collective that every process must call."""
+    if utils.get_world_size() == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(tensor)
+    return int(tensor.item())
+
+
+def rng_states() -> dict:
+    """This process's torch (CPU, current CUDA device), numpy and ``random`` generator states as tensors and
+    numbers, which ``weights_only=True`` loads."""
+    _, key, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    states = {"torch": torch.get_rng_state(), "numpy_key": torch.from_numpy(key.astype(np.int64)),
+              "numpy_pos": int(pos), "numpy_gauss": [int(has_gauss), float(gauss)],
+              "python": torch.tensor(internal, dtype=torch.int64), "python_version": version,
+              "python_gauss": gauss_next}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+    np.random.set_state(("MT19937", states["numpy_key"].numpy().astype(np.uint32), states["numpy_pos"],
+                         *states["numpy_gauss"]))
+    random.setstate((states["python_version"], tuple(states["python"].tolist()), states["python_gauss"]))
+
+
+def gather_rng_states() -> list:
+    """Every process's ``rng_states()`` in rank order; a collective."""
+    if utils.get_world_size() == 1:
+        return [rng_states()]
+    states = [None] * utils.get_world_size()
+    torch.distributed.all_gather_object(states, rng_states())
+    return states
+
+
+def save_checkpoint(args: argparse.Namespace, state: TrainState, epoch: int, progress: Optional[dict] = None,
+                    archive: Optional[int] = None) -> str:
+    """Write ``output_dir/checkpoint.pth`` (rank 0) and return ``"PATH (epoch E, iteration I)"``.
+
+    DINO's layout: student (DDP keys), teacher, optimizer, ``epoch`` (the one to run next), args, center
+    (``dino_loss``), scaler; plus ``iteration`` (done in ``epoch``) and ``world_size``. A checkpoint inside
+    an epoch adds ``progress``: samples done, every process's generator states, the epoch's meter sums and
+    skipped images. The file is replaced atomically and the one it replaces stays as ``checkpoint.prev.pth``.
+    ``archive``: also keep a copy as ``checkpoint{archive:04}.pth``."""
+    checkpoint = {"student": state.student.state_dict(), "teacher": state.teacher.state_dict(),
+                  "optimizer": state.optimizer.state_dict(), "epoch": epoch, "args": args,
+                  "dino_loss": state.dino_loss.state_dict(), "iteration": 0, "world_size": args.world_size,
+                  **(progress or {})}
+    if state.precision.scaler is not None:
+        checkpoint["fp16_scaler"] = state.precision.scaler.state_dict()
+    path = os.path.join(args.output_dir, CHECKPOINT)
+    if utils.is_main_process():
+        utils.atomic_save(checkpoint, path, previous=os.path.join(args.output_dir, PREVIOUS_CHECKPOINT))
+        if archive is not None:
+            utils.atomic_save(checkpoint, os.path.join(args.output_dir, f"checkpoint{archive:04}.pth"))
+    return f"{path} (epoch {epoch}, iteration {checkpoint['iteration']})"
+
+
+def load_run_checkpoint(args: argparse.Namespace) -> tuple:
+    """``(checkpoint, path)`` of the run in ``output_dir`` to continue, or ``(None, "")`` for a new run.
+
+    When ``checkpoint.pth`` cannot be read (truncated, corrupt, refused as unsafe), ``checkpoint.prev.pth``
+    is used with a warning and the bad file is moved to ``checkpoint.pth.corrupt``; when neither can be
+    read the run stops rather than start over. A checkpoint of another model is refused (``MODEL_ARGS``)."""
+    path, previous = (os.path.join(args.output_dir, name) for name in (CHECKPOINT, PREVIOUS_CHECKPOINT))
+    problems = []
+    for candidate in (path, previous):
+        if not os.path.isfile(candidate):
+            continue
+        try:
+            checkpoint = utils.load_checkpoint(candidate)
+        except utils.UserError as exc:
+            problems.append(str(exc))
+            continue
+        if not isinstance(checkpoint, dict) or not {"student", "teacher", "optimizer", "epoch"} <= set(checkpoint):
+            problems.append(f"{candidate} is not a Patch-Wise DINO training checkpoint")
+            continue
+        check_same_model(args, checkpoint, candidate)
+        if candidate == previous:
+            print(f"WARNING: {problems[0] if problems else path + ' is missing'}; resuming from the previous "
+                  f"checkpoint {previous}", file=sys.stderr, flush=True)
+            utils.barrier()  # every process has read the files before the bad one is moved away
+            if problems and utils.is_main_process() and os.path.isfile(path):
+                os.replace(path, path + ".corrupt")
+        return checkpoint, candidate
+    if problems:
+        raise utils.UserError(f"cannot continue the run in {args.output_dir}: {'; '.join(problems)}; to start a new "
+                              f"run, move these files out of {args.output_dir} or pass another --output_dir")
+    return None, ""
+
+
+def check_same_model(args: argparse.Namespace, checkpoint: dict, path: str) -> None:
+    """Refuse to continue a run whose model or optimizer settings differ from this run's, naming them."""
+    saved = checkpoint.get("args")
+    if not isinstance(saved, argparse.Namespace):
+        return
+    names = MODEL_ARGS + (("global_size",) if args.patch_loss else ())  # the center has a row per position
+    differences = [f"--{name} {getattr(saved, name)} (this run: {getattr(args, name)})" for name in names
+                   if hasattr(saved, name) and getattr(saved, name) != getattr(args, name)]
+    if differences:
+        raise utils.UserError(f"{path} was trained with {', '.join(differences)}: pass the same settings to "
+                              f"continue that run, or another --output_dir for a new one")
+
+
+def restore(args: argparse.Namespace, state: TrainState, checkpoint: Optional[dict], path: str) -> ResumePoint:
+    """Load weights, optimizer, center and scaler from ``checkpoint``; returns where to continue."""
+    if checkpoint is None:
+        return ResumePoint()
+    parts = {"student": state.student, "teacher": state.teacher, "optimizer": state.optimizer,
+             "dino_loss": state.dino_loss, "fp16_scaler": state.precision.scaler}
+    try:
+        for name, part in parts.items():
+            if part is not None and name in checkpoint:
+                part.load_state_dict(checkpoint[name])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise utils.UserError(f"cannot resume from {path}, written with other settings "
+                              f"({str(exc).strip().splitlines()[0][:200]}): pass the settings of that run or "
+                              f"another --output_dir") from None
+    epoch, iteration = int(checkpoint["epoch"]), int(checkpoint.get("iteration", 0))
+    print(f"Resuming from {path}: epoch {epoch}, iteration {iteration}")
+    if not iteration:
+        return ResumePoint(epoch)
+    rng = checkpoint.get("rng") or []
+    same_layout = (checkpoint.get("world_size") == args.world_size == len(rng) and
+                   getattr(checkpoint.get("args"), "batch_size_per_gpu", None) == args.batch_size_per_gpu)
+    if not same_layout:
+        print(f"Note: {path} was written with another number of processes or batch size: epoch {epoch} goes on "
+              f"with the images it had not seen, but not bit-identically to an uninterrupted run")
+    return ResumePoint(epoch, int(checkpoint["samples_done"]), rng[args.rank] if same_layout else None,
+                       checkpoint.get("epoch_meters"), int(checkpoint.get("bad_images", 0)))
+
+
+def drop_log_lines_from(output_dir: str, epoch: int) -> None:
+    """Keep only the ``log.txt`` lines of epochs before ``epoch``: a resumed run writes the later ones again."""
+    path = os.path.join(output_dir, "log.txt")
+    if not utils.is_main_process() or not os.path.isfile(path):
+        return
+
+    def earlier(line: str) -> bool:
+        try:
+            return json.loads(line)["epoch"] < epoch
+        except (ValueError, TypeError, KeyError):
+            return True  # not a line of ours: keep it
+
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [line for line in lines if earlier(line)]
+    if len(kept) < len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------
+def loggers_from(sums: Optional[list]) -> tuple:
+    """The printed and the diagnostic ``MetricLogger`` of an epoch, holding the sums saved mid-epoch."""
+    loggers = utils.MetricLogger(delimiter="  "), utils.MetricLogger()
+    for logger, saved in zip(loggers, sums or ({}, {})):
+        for name, (total, count) in saved.items():
+            logger.meters[name].total, logger.meters[name].count = float(total), int(count)
+    return loggers
 
 
 def train_one_epoch(state: TrainState, loader: torch.utils.data.DataLoader, schedules: dict, epoch: int,
-                    args: argparse.Namespace) -> dict:
-    """Train for one epoch; returns the epoch averages of the printed and diagnostic meters."""
-    logger, diagnostics = utils.MetricLogger(delimiter="  "), utils.MetricLogger()
-    header = f"Epoch: [{epoch}/{args.epochs}]"
-    images_per_step = args.batch_size_per_gpu * args.world_size
+                    args: argparse.Namespace, start: Optional[ResumePoint] = None,
+                    control: Optional[RunControl] = None) -> Optional[dict]:
+    """Train for one epoch, or its rest from ``start`` (the sampler already set to it); returns the epoch
+    averages of the printed and diagnostic meters and ``bad_images``, or None when a stop signal ended the
+    epoch early (after a checkpoint). Writes ``checkpoint.pth`` every ``--saveckp_iters`` iterations.
+
+    Before each step all processes agree on whether to stop: a signal that arrived during the previous
+    step (or data workers gone with it) stops every process at the same iteration."""
+    start, control = start or ResumePoint(epoch), control or RunControl(StopFlag())
+    total_batch = args.batch_size_per_gpu * args.world_size
+    niter, first = len(schedules["lr"]) // args.epochs, start.samples_done // total_batch
+    total = first + len(loader)
+    batches = iter(loader)  # making it draws the data workers' base seed from torch's generator: seed after
+    if start.rng is not None:
+        set_rng_states(start.rng)
+    else:
+        torch.manual_seed(epoch_seed(args.seed, epoch, args.rank, start.samples_done))
+    logger, diagnostics = loggers_from(start.meters)
+    bad_images = start.bad_images if utils.is_main_process() else 0
     last = time.time()
-    for it, batch in enumerate(logger.log_every(loader, args.print_freq, header)):
-        step = len(loader) * epoch + it
-        lr, wd = float(schedules["lr"][step]), float(schedules["wd"][step])
-        values = train_step(state, batch, epoch, lr, wd, float(schedules["momentum"][step]), args)
-        now = time.time()
-        shown = {k: values.pop(k) for k in ("loss", "loss_cls", "loss_patch") if k in values}
-        logger.update(**shown, lr=lr, wd=wd, img_s=images_per_step / max(now - last, 1e-9))
-        diagnostics.update(**values)
-        last = now
-    print(f"Averaged stats: {logger}")
-    return {name: meter.global_avg for name, meter in {**logger.meters, **diagnostics.meters}.items()}
+
+    def checkpoint_after(done: int) -> None:  # a collective: the generator states of all processes
+        sums = [{name: [m.total, m.count] for name, m in lg.meters.items()} for lg in (logger, diagnostics)]
+        control.last_checkpoint = save_checkpoint(args, state, epoch, {
+            "iteration": done, "samples_done": start.samples_done + (done - first) * total_batch,
+            "rng": gather_rng_states(), "epoch_meters": sums,
+            "bad_images": sum_over_processes(bad_images, args.device)})
+
+    progress = logger.log_every(until_stopped(batches, control.stop), args.print_freq,
+                                f"Epoch: [{epoch}/{args.epochs}]", total, first)
+    for it, item in enumerate(progress, start=first):
+        if sum_over_processes(int(item is None or control.stop.signum != 0), args.device):
+            checkpoint_after(it)
+            report_stop(control, f"epoch {epoch}, iteration {it} of {total}")
+            return None
+        batch, skipped = item
+        bad_images += skipped
+        if not (args.skip_bad_images and sum_over_processes(int(batch is None), args.device)):
+            step = min(niter * epoch + it, len(schedules["lr"]) - 1)
+            lr, wd = float(schedules["lr"][step]), float(schedules["wd"][step])
+            try:
+                values = train_step(state, batch, epoch, lr, wd, float(schedules["momentum"][step]), args)
+            except NonFiniteLoss as exc:
+                raise utils.UserError(f"the loss is {exc.value} at epoch {epoch}, iteration {it}: training "
+                                      f"stopped; the last good checkpoint is {control.last_checkpoint} (continue "
+                                      f"from it with a lower --lr, --clip_grad, or --use_fp16 false)") from None
+            now = time.time()
+            shown = {k: values.pop(k) for k in ("loss", "loss_cls", "loss_patch") if k in values}
+            logger.update(**shown, lr=lr, wd=wd, img_s=total_batch / max(now - last, 1e-9))
+            diagnostics.update(**values)
+            last = now
+        if args.saveckp_iters and (it + 1) % args.saveckp_iters == 0 and it + 1 < total:
+            checkpoint_after(it + 1)
+    bad_images = sum_over_processes(bad_images, args.device)
+    print(f"Averaged stats: {logger}" + (f"  bad_images: {bad_images}" if args.skip_bad_images else ""))
+    averages = {name: meter.global_avg for name, meter in {**logger.meters, **diagnostics.meters}.items()}
+    return {**averages, "bad_images": bad_images}
+
+
+def until_stopped(batches, stop: StopFlag):
+    """The items of ``batches``, then None in place of an error if a stop signal has arrived (data workers
+    that got the signal too are gone: the iteration cannot be fetched, but a checkpoint can be written)."""
+    while True:
+        try:
+            item = next(batches)
+        except StopIteration:
+            return
+        except Exception:
+            if not stop.signum:
+                raise
+            yield None
+            return
+        yield item
+
+
+def report_stop(control: RunControl, where: str) -> None:
+    name = signal.Signals(control.stop.signum).name if control.stop.signum else "a signal to another process"
+    print(f"Stopped by {name} after {where}: checkpoint saved to {control.last_checkpoint}; run the same "
+          f"command to continue from there", flush=True)
+
+
+def train(state: TrainState, loader: torch.utils.data.DataLoader, schedules: dict, args: argparse.Namespace,
+          start: ResumePoint, control: RunControl) -> None:
+    """Epochs ``start.epoch`` to ``--epochs``, each ended by a ``log.txt`` line and a checkpoint; returns early
+    when a stop signal arrives (after a checkpoint)."""
+    for epoch in range(start.epoch, args.epochs):
+        resume_point = start if epoch == start.epoch else ResumePoint(epoch)
+        loader.sampler.set_epoch(epoch)
+        loader.sampler.set_start(resume_point.samples_done)
+        stats = train_one_epoch(state, loader, schedules, epoch, args, resume_point, control)
+        if stats is None:
+            return
+        bad_images = stats.pop("bad_images")
+        # The log line goes first: a run stopped between the two redoes the epoch and rewrites its line.
+        utils.append_json_log(args.output_dir, {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch,
+                                                "bad_images": bad_images})
+        archive = epoch if args.saveckp_freq and epoch % args.saveckp_freq == 0 else None
+        control.last_checkpoint = save_checkpoint(args, state, epoch + 1, archive=archive)
+        if sum_over_processes(int(control.stop.signum != 0), args.device) and epoch + 1 < args.epochs:
+            report_stop(control, f"epoch {epoch}")
+            return
 
 
 def prepare_output_dir(path: str) -> None:
@@ -699,39 +1088,13 @@ def prepare_output_dir(path: str) -> None:
                               f"choose another --output_dir") from None
 
 
-def resume(args: argparse.Namespace, state: TrainState) -> int:
-    """Restore everything from ``output_dir/checkpoint.pth`` if it exists; returns the epoch to start at."""
-    path = os.path.join(args.output_dir, "checkpoint.pth")
-    run_variables = {"epoch": 0}
-    try:
-        utils.restart_from_checkpoint(path, run_variables=run_variables, student=state.student,
-                                      teacher=state.teacher, optimizer=state.optimizer,
-                                      fp16_scaler=state.precision.scaler, dino_loss=state.dino_loss)
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise utils.UserError(f"cannot resume from {path}, written with other settings "
-                              f"({str(exc).strip().splitlines()[0][:200]}): pass the settings of that run or "
-                              f"another --output_dir") from None
-    return int(run_variables["epoch"])
-
-
-def save_checkpoint(args: argparse.Namespace, state: TrainState, epoch: int) -> None:
-    """DINO layout: student (DDP keys), teacher, optimizer, next epoch, args, center, scaler."""
-    checkpoint = {"student": state.student.state_dict(), "teacher": state.teacher.state_dict(),
-                  "optimizer": state.optimizer.state_dict(), "epoch": epoch + 1, "args": args,
-                  "dino_loss": state.dino_loss.state_dict()}
-    if state.precision.scaler is not None:
-        checkpoint["fp16_scaler"] = state.precision.scaler.state_dict()
-    utils.save_on_master(checkpoint, os.path.join(args.output_dir, "checkpoint.pth"))
-    if args.saveckp_freq and epoch % args.saveckp_freq == 0:
-        utils.save_on_master(checkpoint, os.path.join(args.output_dir, f"checkpoint{epoch:04}.pth"))
-
-
 def main(args: argparse.Namespace) -> TrainState:
     check_args(args)
     prepare_output_dir(args.output_dir)
     utils.init_distributed_mode(args)
     utils.fix_random_seeds(args.seed)  # the same initial weights in every process
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+    checkpoint, checkpoint_path = load_run_checkpoint(args)  # before any work: a run of another model is refused
     if utils.is_main_process():
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=1, default=str)
@@ -750,15 +1113,22 @@ def main(args: argparse.Namespace) -> TrainState:
     print(f"Loss: {'[CLS] + matched patch tokens' if args.patch_loss else '[CLS] only (vanilla DINO)'}; center "
           f"{tuple(dino_loss.center.shape)}. Collapse check: a loss stuck at ln(K) = {math.log(args.out_dim):.2f} "
           f"with KL ~ 0 is collapse (uniform if teacher entropy ~ ln(K), one-hot if ~ 0)")
-    start_epoch = resume(args, state)
+    start = restore(args, state, checkpoint, checkpoint_path)
+    control = RunControl(StopFlag())
+    if checkpoint is not None:
+        control.last_checkpoint = f"{checkpoint_path} (epoch {start.epoch}, iteration {checkpoint.get('iteration', 0)})"
+    del checkpoint
+    drop_log_lines_from(args.output_dir, start.epoch)
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)):
+        print(f"torchrun restart {os.environ['TORCHELASTIC_RESTART_COUNT']}: continuing from the last checkpoint")
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        print("WARNING: with torchrun's shared rendezvous store, restarted workers can find the addresses of the "
+              "dead ones and fail to connect (pytorch/pytorch#135712): launch with "
+              "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --max-restarts=...", file=sys.stderr)
     start_time = time.time()
-    print(f"Starting Patch-Wise DINO training from epoch {start_epoch} to {args.epochs}")
-    for epoch in range(start_epoch, args.epochs):
-        loader.sampler.set_epoch(epoch)
-        torch.manual_seed(epoch_seed(args.seed, epoch, args.rank))
-        stats = train_one_epoch(state, loader, schedules, epoch, args)
-        save_checkpoint(args, state, epoch)
-        utils.append_json_log(args.output_dir, {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch})
+    print(f"Starting Patch-Wise DINO training from epoch {start.epoch} to {args.epochs}")
+    with control.stop:
+        train(state, loader, schedules, args, start, control)
     print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
     return state
 

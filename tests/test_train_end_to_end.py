@@ -1,6 +1,6 @@
 """patch_wise_dino.py end to end on the CPU: training, checkpoints, resume, data sources, torchrun, bad input.
 
-Tiny settings throughout (vit_tiny at 48 px, out_dim 64, generated images) so the file runs in about a minute.
+Tiny settings throughout (vit_tiny/8 at 32 px, out_dim 64, generated images) so the file runs in about a minute.
 """
 import argparse
 import builtins
@@ -20,7 +20,7 @@ import patch_wise_dino as pwd
 import utils
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--arch", "vit_tiny", "--patch_size", "16", "--global_size", "48", "--local_size", "32", "--resize", "64",
+TINY = ["--arch", "vit_tiny", "--patch_size", "8", "--global_size", "32", "--local_size", "16", "--resize", "48",
         "--out_dim", "64", "--batch_size_per_gpu", "2", "--local_crops_number", "2", "--num_workers", "0",
         "--use_fp16", "false", "--warmup_epochs", "1", "--print_freq", "1", "--lr", "0.005"]
 
@@ -86,10 +86,10 @@ def test_train_two_epochs_then_resume_for_a_third(tmp_path, fresh_process_group)
     assert all(k.startswith(("backbone.", "head.")) for k in ckpt["teacher"])
     assert {"head.last_layer.weight_g", "head.last_layer.weight_v", "backbone.cls_token"} <= set(ckpt["teacher"])
     assert {f"module.{k}" for k in ckpt["teacher"]} == set(ckpt["student"])
-    assert ckpt["dino_loss"]["center"].shape == (1, 1 + 3 * 3, 64)  # one row per teacher token position
+    assert ckpt["dino_loss"]["center"].shape == (1, 1 + 4 * 4, 64)  # one row per teacher token position
     assert ckpt["dino_loss"]["center"].abs().sum() > 0
-    model = utils.build_backbone("vit_tiny", 16)  # what the evaluation scripts load
-    utils.load_pretrained_weights(model, os.path.join(out, "checkpoint.pth"), "teacher", "vit_tiny", 16)
+    model = utils.build_backbone("vit_tiny", 8)  # what the evaluation scripts load
+    utils.load_pretrained_weights(model, os.path.join(out, "checkpoint.pth"), "teacher", "vit_tiny", 8)
     torch.testing.assert_close(model.cls_token, ckpt["teacher"]["backbone.cls_token"])
 
 
@@ -161,7 +161,7 @@ def test_image_sources(tmp_path):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--global_size", "40"], "--global_size 40 is not a positive multiple of --patch_size 16"),
+    (["--global_size", "36"], "--global_size 36 is not a positive multiple of --patch_size 8"),
     (["--local_size", "20"], "--local_size 20"),
     (["--arch", "vit_huge"], "unknown --arch 'vit_huge'"),
     (["--data_path", "/nonexistent/images"], "does not exist"),
@@ -191,7 +191,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, fres
     argv = TINY + ["--data_path", str(tmp_path / "data"), "--output_dir", out]
     run(argv + ["--epochs", "1"])
     good = utils.load_checkpoint(os.path.join(out, "checkpoint.pth"))
-    with pytest.raises(utils.UserError, match="the loss is nan at epoch 1"):
+    with pytest.raises(utils.UserError, match=f"the loss is nan at epoch 1, iteration 0: training stopped; the last "
+                                              f"good checkpoint is {out}/checkpoint.pth \\(epoch 1, iteration 0\\)"):
         run(argv + ["--epochs", "2", "--teacher_temp", "0", "--warmup_teacher_temp", "0"])
     kept = utils.load_checkpoint(os.path.join(out, "checkpoint.pth"))
     assert kept["epoch"] == 1 and torch.equal(kept["teacher"]["backbone.pos_embed"],

@@ -1,0 +1,367 @@
+"""Long jobs and hostile input for patch_wise_dino.py (CPU): SIGTERM mid-epoch and exact resume, elastic
+restart after SIGKILL under torchrun, corrupt and unsafe checkpoints, bad images, one-line errors.
+
+Tiny settings (vit_tiny, patch 8, 32/16 px crops, 6 generated images, batch 2: 3 iterations per epoch).
+"""
+import argparse
+import builtins
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import patch_wise_dino as pwd
+import utils
+from test_train_end_to_end import REPO, read_log, write_images
+
+TINY = ["--arch", "vit_tiny", "--patch_size", "8", "--global_size", "32", "--local_size", "16", "--resize", "48",
+        "--out_dim", "64", "--batch_size_per_gpu", "2", "--local_crops_number", "2", "--num_workers", "0",
+        "--use_fp16", "false", "--warmup_epochs", "1", "--print_freq", "1", "--lr", "0.005", "--seed", "3"]
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One CPU thread here as in the subprocesses: results are bit-identical only for the same thread count
+    (and fast on a loaded machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def parse(argv):
+    return argparse.ArgumentParser(parents=[pwd.get_args_parser()]).parse_args(argv)
+
+
+@pytest.fixture
+def fresh_process_group():
+    """``main`` joins a one-process group and wraps ``print``; undo both after the test."""
+    saved_print = builtins.print
+    yield
+    if utils.is_dist_avail_and_initialized():
+        torch.distributed.destroy_process_group()
+    builtins.print = saved_print
+
+
+def run(argv):
+    saved_print = builtins.print
+    try:
+        return pwd.main(parse(argv))
+    finally:
+        if utils.is_dist_avail_and_initialized():
+            torch.distributed.destroy_process_group()
+        builtins.print = saved_print
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """An uninterrupted 2-epoch run: (its argv without --output_dir, its output folder)."""
+    root = tmp_path_factory.mktemp("straight")
+    write_images(root / "data", 6)
+    argv = TINY + ["--data_path", str(root / "data"), "--epochs", "2"]
+    run(argv + ["--output_dir", str(root / "out")])
+    return argv, root / "out"
+
+
+def assert_same_training(out_a, out_b):
+    a = utils.load_checkpoint(os.path.join(out_a, "checkpoint.pth"))
+    b = utils.load_checkpoint(os.path.join(out_b, "checkpoint.pth"))
+    assert (a["epoch"], a["iteration"]) == (b["epoch"], b["iteration"])
+    for part in ("teacher", "student", "dino_loss"):
+        for key, value in a[part].items():
+            assert torch.equal(value, b[part][key]), f"{part} {key}"
+    assert [(line["epoch"], line["train_loss"]) for line in read_log(out_a)] == \
+           [(line["epoch"], line["train_loss"]) for line in read_log(out_b)]
+
+
+SIGNAL_SCRIPT = """
+import argparse, os, signal, sys
+sys.path.insert(0, {repo!r})
+import patch_wise_dino as pwd, utils
+
+real_step, calls = pwd.train_step, []
+
+def step(*args, **kwargs):  # a scheduler's SIGTERM to the whole job (trainer and data workers) during a step
+    calls.append(1)
+    if len(calls) == {at_step}:
+        os.killpg(os.getpgid(0), signal.SIGTERM)
+    return real_step(*args, **kwargs)
+
+pwd.train_step = step
+utils.run_cli(pwd.main, argparse.ArgumentParser(parents=[pwd.get_args_parser()]).parse_args())
+"""
+
+
+def test_sigterm_mid_epoch_checkpoints_exits_0_and_resumes_exactly(tmp_path, straight, monkeypatch):
+    argv, straight_out = straight
+    out = tmp_path / "out"
+    script = tmp_path / "train_then_sigterm.py"
+    script.write_text(SIGNAL_SCRIPT.format(repo=REPO, at_step=2))
+    proc = subprocess.run([sys.executable, str(script), *argv, "--num_workers", "1", "--output_dir", str(out)],
+                          capture_output=True, text=True, timeout=300, env=SUBPROCESS_ENV, start_new_session=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"Stopped by SIGTERM after epoch 0, iteration 2 of 3: checkpoint saved to {out}/checkpoint.pth " \
+           f"(epoch 0, iteration 2)" in proc.stdout
+    ckpt = utils.load_checkpoint(str(out / "checkpoint.pth"))
+    assert (ckpt["epoch"], ckpt["iteration"], ckpt["samples_done"], ckpt["world_size"]) == (0, 2, 4, 1)
+    assert len(ckpt["rng"]) == 1 and not (out / "log.txt").exists()
+
+    decoded = []
+    real_getitem = pwd.MultiCropDataset.__getitem__
+    monkeypatch.setattr(pwd.MultiCropDataset, "__getitem__", lambda self, i: decoded.append(i) or real_getitem(self, i))
+    run(argv + ["--output_dir", str(out)])  # without data workers: the crops do not depend on them
+    assert len(decoded) == 2 + 6  # the rest of epoch 0, then epoch 1: the 4 images already done are not decoded
+    assert_same_training(straight_out, out)
+
+
+def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path, straight, capsys):
+    argv, straight_out = straight
+    out = tmp_path / "out"
+    shutil.copytree(straight_out, out)
+    assert utils.load_checkpoint(str(out / "checkpoint.prev.pth"))["epoch"] == 1  # kept when epoch 1 ended
+    data = (out / "checkpoint.pth").read_bytes()
+    (out / "checkpoint.pth").write_bytes(data[:len(data) // 2])  # truncated
+    run(argv + ["--output_dir", str(out)])
+    err = capsys.readouterr().err
+    assert f"WARNING: {out}/checkpoint.pth is not a readable checkpoint (truncated or corrupt?)" in err
+    assert f"resuming from the previous checkpoint {out}/checkpoint.prev.pth" in err
+    assert (out / "checkpoint.pth.corrupt").read_bytes() == data[:len(data) // 2]
+    assert_same_training(straight_out, out)  # epoch 1 redone from its start: same weights, same log lines
+
+    (out / "checkpoint.prev.pth").write_bytes(data[:1000])
+    (out / "checkpoint.pth").write_bytes(data[:100])
+    with pytest.raises(utils.UserError, match=f"cannot continue the run in {out}: .*checkpoint.pth is not a readable "
+                                              f"checkpoint.*checkpoint.prev.pth is not a readable checkpoint.*; to "
+                                              f"start a new run, move these files out of {out}"):
+        run(argv + ["--output_dir", str(out)])
+    assert len(read_log(out)) == 2  # nothing trained
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_checkpoint_that_would_run_code_is_refused(tmp_path, fresh_process_group):
+    out = tmp_path / "out"
+    out.mkdir()
+    torch.save({"student": {}, "teacher": {}, "optimizer": _RunsCode(tmp_path / "pwned"), "epoch": 1},
+               out / "checkpoint.pth")
+    write_images(tmp_path / "data", 2)
+    with pytest.raises(utils.UserError, match="refused to load .*checkpoint.pth: it contains objects other than"):
+        pwd.main(parse(TINY + ["--data_path", str(tmp_path / "data"), "--output_dir", str(out)]))
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_resuming_another_model_is_refused_naming_the_difference(tmp_path, straight, fresh_process_group):
+    argv, straight_out = straight
+    out = tmp_path / "out"
+    shutil.copytree(straight_out, out)
+    with pytest.raises(utils.UserError) as error:
+        pwd.main(parse(argv + ["--output_dir", str(out), "--arch", "vit_small", "--out_dim", "128", "--epochs", "3"]))
+    assert str(error.value) == (f"{out}/checkpoint.pth was trained with --arch vit_tiny (this run: vit_small), "
+                                f"--out_dim 64 (this run: 128): pass the same settings to continue that run, or "
+                                f"another --output_dir for a new one")
+    assert json.loads((out / "args.json").read_text())["arch"] == "vit_tiny"  # the run's record is untouched
+
+
+def child_pids(pid):
+    """Processes whose parent is ``pid`` (from /proc)."""
+    children = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                if entry.isdigit() and int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    children.append(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue
+    return children
+
+
+def rank_of(pid):
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        variables = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+    return int(variables.get(b"RANK", -1))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds torchrun's workers through /proc")
+def test_elastic_restart_after_a_worker_is_killed(tmp_path):
+    write_images(tmp_path / "data", 8)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "--max-restarts=1", os.path.join(REPO, "patch_wise_dino.py"), *TINY, "--epochs", "3",
+                             "--saveckp_iters", "1", "--data_path", str(tmp_path / "data"), "--output_dir", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**SUBPROCESS_ENV, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+    try:
+        deadline = time.time() + 240
+        while not (out / "checkpoint.pth").exists():  # written after the first iteration
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
+            time.sleep(0.02)
+        (victim,) = [pid for pid in child_pids(proc.pid) if rank_of(pid) == 0]  # the one writing checkpoints
+        os.kill(victim, signal.SIGKILL)
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output[-3000:]
+    assert "torchrun restart 1: continuing from the last checkpoint" in output
+    assert "Resuming from " in output and "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in output
+    assert [line["epoch"] for line in read_log(out)] == [0, 1, 2]
+    assert utils.load_checkpoint(str(out / "checkpoint.pth"))["epoch"] == 3
+
+
+def write_awkward_images(folder):
+    """A truncated JPEG (the one bad file), CMYK JPEG, palette PNG with transparency, grayscale, 2 RGB."""
+    write_images(folder, 2)
+    rgb = Image.open(folder / "img0.png")
+    rgb.save(folder / "truncated.jpg", quality=90)
+    data = (folder / "truncated.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[:len(data) // 3])
+    rgb.convert("CMYK").save(folder / "cmyk.jpg", quality=95)
+    palette = rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    palette.save(folder / "palette.png", transparency=0)
+    rgb.convert("L").save(folder / "gray.png")
+    return rgb
+
+
+def test_image_modes_are_converted_and_bad_images_named(tmp_path, monkeypatch):
+    rgb = write_awkward_images(tmp_path)
+    reference = np.asarray(rgb, dtype=np.float64)
+    for name, tolerance in (("cmyk.jpg", 8.0), ("palette.png", 20.0)):
+        image = utils.open_image(str(tmp_path / name))
+        assert image.mode == "RGB" and np.abs(np.asarray(image) - reference).mean() < tolerance, name
+    gray = np.asarray(utils.open_image(str(tmp_path / "gray.png")))
+    assert gray.shape == reference.shape and (gray == gray[..., :1]).all()
+    deep = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 16-bit grayscale: scaled, not clipped
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    np.testing.assert_allclose(np.asarray(utils.open_image(str(tmp_path / "deep.png")))[..., 0], deep / 257, atol=0.5)
+    with pytest.raises(utils.UserError, match=f"cannot decode image {tmp_path}/truncated.jpg: "):
+        utils.open_image(str(tmp_path / "truncated.jpg"))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a decompression bomb: over twice the limit
+    with pytest.raises(utils.UserError, match=f"cannot decode image {tmp_path}/gray.png: .*decompression bomb"):
+        utils.open_image(str(tmp_path / "gray.png"))
+
+
+def test_bad_image_stops_training_by_default_and_is_skipped_on_request(tmp_path, capfd):
+    write_awkward_images(tmp_path / "data")
+    argv = TINY + ["--data_path", str(tmp_path / "data"), "--epochs", "1", "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(utils.UserError, match=f"cannot decode image {tmp_path}/data/truncated.jpg"):
+        run(argv)
+    run(argv + ["--skip_bad_images", "true"])
+    (line,) = read_log(tmp_path / "out")
+    assert line["bad_images"] == 1 and np.isfinite(line["train_loss"])
+    captured = capfd.readouterr()
+    assert "bad_images: 1" in captured.out
+    assert f"warning: skipped by --skip_bad_images: cannot decode image {tmp_path}/data/truncated.jpg" in captured.err
+
+
+def test_collate_drops_bad_items_and_an_empty_batch_is_none():
+    item = ([torch.zeros(3, 4, 4)] * 3, pwd.cls_only_matches(3))
+    batch, skipped = pwd.collate_dropping_bad([item, None, item])
+    assert skipped == 1 and batch.crops[0].shape == (2, 3, 4, 4) and batch.mask.shape[1] == 2
+    assert pwd.collate_dropping_bad([None, None]) == (None, 2)
+
+
+def test_resumable_sampler_continues_the_distributed_order():
+    dataset = list(range(11))
+    for world in (1, 3):
+        for rank in range(world):
+            reference = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, seed=5)
+            sampler = pwd.ResumableSampler(dataset, num_replicas=world, rank=rank, seed=5)
+            reference.set_epoch(2)
+            sampler.set_epoch(2)
+            order = list(reference)
+            assert [i for i, _ in sampler] == order and len(sampler) == len(order)
+            sampler.set_start(2 * world)  # two samples per process done
+            assert [i for i, _ in sampler] == order[2:] and len(sampler) == len(order) - 2
+    seeds = dict(pwd.ResumableSampler(dataset, 1, 0, seed=5))
+    assert len(set(seeds.values())) == 11 and seeds[4] == pwd.item_seed(5, 0, 4)
+
+
+def test_atomic_save_keeps_the_previous_file(tmp_path, monkeypatch):
+    path, previous = str(tmp_path / "checkpoint.pth"), str(tmp_path / "checkpoint.prev.pth")
+    utils.atomic_save({"epoch": 1}, path, previous=previous)
+    assert not os.path.exists(previous)
+    utils.atomic_save({"epoch": 2}, path, previous=previous)
+    assert utils.load_checkpoint(previous)["epoch"] == 1 and utils.load_checkpoint(path)["epoch"] == 2
+
+    def no_hard_links(src, dst):
+        raise OSError("hard links not supported")
+
+    monkeypatch.setattr(os, "link", no_hard_links)
+    utils.atomic_save({"epoch": 3}, path, previous=previous)
+    assert utils.load_checkpoint(previous)["epoch"] == 2 and utils.load_checkpoint(path)["epoch"] == 3
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.prev.pth", "checkpoint.pth"]
+
+
+def fake_gpus(monkeypatch, count):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("missing_data", "--data_path {tmp}/missing does not exist or is not a folder"),
+    ("empty_data", "no images found in --data_path {tmp}/empty"),
+    ("unwritable_output", "--output_dir {tmp}/a_file/out is not a writable folder"),
+    ("crop_not_multiple", "--global_size 36 is not a positive multiple of --patch_size 8"),
+    ("more_gpus_than_exist", "process with local rank 1 needs a GPU but only 1 are visible: lower --nproc_per_node"),
+    ("batch_larger_than_data", "has 3 images, fewer than one batch of 4 (1 processes x 4): lower --batch_size_per_gpu"),
+    ("negative_saveckp_iters", "--saveckp_iters must be >= 0, got -1"),
+])
+def test_bad_arguments_are_one_line_errors(tmp_path, monkeypatch, capsys, case, needle):
+    write_images(tmp_path / "data", 3)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a_file").write_text("x")
+    extra = {"missing_data": ["--data_path", str(tmp_path / "missing")],
+             "empty_data": ["--data_path", str(tmp_path / "empty")],
+             "unwritable_output": ["--output_dir", str(tmp_path / "a_file" / "out")],
+             "crop_not_multiple": ["--global_size", "36"],
+             "more_gpus_than_exist": [],
+             "batch_larger_than_data": ["--batch_size_per_gpu", "4"],
+             "negative_saveckp_iters": ["--saveckp_iters", "-1"]}[case]
+    if case == "more_gpus_than_exist":
+        fake_gpus(monkeypatch, 1)
+    args = parse(TINY + ["--data_path", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out"), *extra])
+    saved_print = builtins.print
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            utils.run_cli(pwd.main, args)
+    finally:
+        builtins.print = saved_print
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    assert needle.format(tmp=tmp_path) in err, err
+
+
+def test_evaluation_datasets_name_an_undecodable_image(tmp_path, capsys):
+    for split in ("train", "val"):
+        write_images(tmp_path / split / "class_a", 2)
+    (tmp_path / "val" / "class_a" / "zz_broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    dataset = utils.build_eval_dataset(str(tmp_path), "val", transform=None)
+    with pytest.raises(utils.UserError, match=f"cannot decode image {tmp_path}/val/class_a/zz_broken.jpg"):
+        [dataset[i] for i in range(len(dataset))]
+
+    def extract(_args):  # what the k-NN and linear scripts do, with a data worker
+        loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=1, collate_fn=lambda items: items)
+        list(loader)
+
+    with pytest.raises(SystemExit):
+        utils.run_cli(extract, argparse.Namespace())
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: cannot decode image {tmp_path}/val/class_a/zz_broken.jpg")

@@ -14,7 +14,11 @@ Differences from the reference code:
 - the center has one row per teacher token position: (1, 1+Ng, K);
 - ``--patch_loss false`` is DINO exactly ([CLS] only, heads on [CLS] only, center (1, 1, K));
 - mixed precision through ``torch.amp`` (float16 with a GradScaler, or bfloat16), fused AdamW on CUDA;
-- per-epoch collapse diagnostics (teacher entropy, student-teacher KL) for [CLS] and patch tokens.
+- per-epoch collapse diagnostics (teacher entropy, student-teacher KL) for [CLS] and patch tokens;
+- long jobs: SIGTERM/SIGINT stop every process at the same iteration after a checkpoint that holds the
+  position inside the epoch (and every process's generator states: the resumed run is bit-identical on the
+  same hardware and thread count), ``--saveckp_iters``, the previous checkpoint kept as a fallback, and
+  ``--skip_bad_images``; each image's crops depend on (--seed, epoch, index) only, not on the data workers.
 """
 import argparse
 import dataclasses
@@ -936,7 +940,8 @@ def restore(args: argparse.Namespace, state: TrainState, checkpoint: Optional[di
     if not same_layout:
         print(f"Note: {path} was written with another number of processes or batch size: epoch {epoch} goes on "
               f"with the images it had not seen, but not bit-identically to an uninterrupted run")
-    return ResumePoint(epoch, int(checkpoint["samples_done"]), rng[args.rank] if same_layout else None,
+    samples_done = checkpoint.get("samples_done", iteration * args.batch_size_per_gpu * args.world_size)
+    return ResumePoint(epoch, int(samples_done), rng[args.rank] if same_layout else None,
                        checkpoint.get("epoch_meters"), int(checkpoint.get("bad_images", 0)))
 
 

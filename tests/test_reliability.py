@@ -42,16 +42,6 @@ def parse(argv):
     return argparse.ArgumentParser(parents=[pwd.get_args_parser()]).parse_args(argv)
 
 
-@pytest.fixture
-def fresh_process_group():
-    """``main`` joins a one-process group and wraps ``print``; undo both after the test."""
-    saved_print = builtins.print
-    yield
-    if utils.is_dist_avail_and_initialized():
-        torch.distributed.destroy_process_group()
-    builtins.print = saved_print
-
-
 def run(argv):
     saved_print = builtins.print
     try:

@@ -3,7 +3,6 @@
 Tiny settings throughout (vit_tiny/8 at 32 px, out_dim 64, generated images) so the file runs in about a minute.
 """
 import argparse
-import builtins
 import json
 import math
 import os
@@ -37,16 +36,6 @@ def write_images(folder, count, size=80, seed=0):
             y, x = rng.integers(0, size - 20, 2)
             img[y:y + 20, x:x + 12] = rng.integers(0, 255, 3)
         Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(os.path.join(folder, f"img{k}.png"))
-
-
-@pytest.fixture
-def fresh_process_group():
-    """``main`` joins a one-process group and wraps ``print``; undo both after the test."""
-    saved_print = builtins.print
-    yield
-    if utils.is_dist_avail_and_initialized():
-        torch.distributed.destroy_process_group()
-    builtins.print = saved_print
 
 
 def run(argv):

@@ -380,13 +380,16 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> Any:
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"refused to load {path}: it contains objects other than tensors and plain "
-                        f"containers, which could run code ({first})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path} is not a readable checkpoint (truncated or corrupt?): {first}") from None
+    except Exception as exc:  # the unpickler raises KeyError, IndexError, ... on arbitrary bytes
+        boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = next((line for line in lines if not line.startswith(boilerplate)), "").split(". ")[0]
+        detail = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+        if isinstance(exc, pickle.UnpicklingError) and "GLOBAL" in detail:
+            raise UserError(f"refused to load {path}: it contains objects other than tensors and plain "
+                            f"containers, which could run code ({detail})") from None
+        raise UserError(f"{path} is not a readable checkpoint (truncated, corrupt, or not written by "
+                        f"torch.save): {detail}") from None
 
 
 def restart_from_checkpoint(ckp_path: str, run_variables: Optional[dict] = None, **kwargs: Any) -> bool:

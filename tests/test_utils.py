@@ -88,8 +88,18 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
     torch.save({"w": torch.randn(1000)}, path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(utils.UserError, match="truncated or corrupt"):
+    with pytest.raises(utils.UserError, match="not a readable checkpoint .truncated, corrupt"):
         utils.load_checkpoint(str(path))
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all " * 8, pickle.dumps({"epoch": 1}, protocol=4)],
+                         ids=["empty", "text", "plain-pickle"])
+def test_file_that_is_not_a_checkpoint_is_called_corrupt_not_dangerous(tmp_path, content):
+    path = tmp_path / "checkpoint.pth"
+    path.write_bytes(content)
+    with pytest.raises(utils.UserError, match="not a readable checkpoint") as info:
+        utils.load_checkpoint(str(path))
+    assert "run code" not in str(info.value)
 
 
 def test_pickle_that_runs_code_is_refused_and_plain_data_loads(tmp_path):

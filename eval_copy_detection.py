@@ -44,20 +44,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "YFCC100M images). Empty: no distractors.")
     parser.add_argument("--imsize", default=320, type=int, help="Images are resized to imsize x imsize.")
     parser.add_argument("--batch_size_per_gpu", default=16, type=int, help="Batch size per process.")
-    parser.add_argument("--pretrained_weights", default="", type=str,
-                        help="Checkpoint to evaluate; without it the official DINO weights of --arch/--patch_size.")
-    parser.add_argument("--use_cuda", default=True, type=utils.bool_flag,
-                        help="Run on the GPU when one is available (false: always on the CPU).")
-    parser.add_argument("--arch", default="vit_base", type=str, help="Architecture (vit_tiny, vit_small, vit_base).")
-    parser.add_argument("--patch_size", default=8, type=int, help="Patch resolution of the model.")
-    parser.add_argument("--checkpoint_key", default="teacher", type=str,
-                        help='Key to use in the checkpoint (example: "teacher").')
-    parser.add_argument("--num_workers", default=10, type=int, help="Number of data loading workers per process.")
-    parser.add_argument("--dist_url", default="env://", type=str,
-                        help="URL used to set up distributed evaluation; see "
-                             "https://pytorch.org/docs/stable/distributed.html")
-    parser.add_argument("--local_rank", default=0, type=int,
-                        help="Ignored (torchrun passes the local rank in the environment).")
+    utils.eval_model_args(parser, arch="vit_base", patch_size=8)
     return parser
 
 

@@ -53,21 +53,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--crop_queries", default=True, type=utils.bool_flag,
                         help="Crop queries to their bounding box as the revisited protocol prescribes; false "
                              "reproduces the DINO reference, which used the whole query image.")
-    parser.add_argument("--pretrained_weights", default="", type=str,
-                        help="Checkpoint to evaluate. Without it, vit_small/16 uses the official DINO weights "
-                             "pretrained on Google Landmarks v2 and other models the official ImageNet ones.")
-    parser.add_argument("--use_cuda", default=True, type=utils.bool_flag,
-                        help="Run on the GPU when one is available (false: always on the CPU).")
-    parser.add_argument("--arch", default="vit_small", type=str, help="Architecture (vit_tiny, vit_small, vit_base).")
-    parser.add_argument("--patch_size", default=16, type=int, help="Patch resolution of the model.")
-    parser.add_argument("--checkpoint_key", default="teacher", type=str,
-                        help='Key to use in the checkpoint (example: "teacher").')
-    parser.add_argument("--num_workers", default=10, type=int, help="Number of data loading workers per process.")
-    parser.add_argument("--dist_url", default="env://", type=str,
-                        help="URL used to set up distributed evaluation; see "
-                             "https://pytorch.org/docs/stable/distributed.html")
-    parser.add_argument("--local_rank", default=0, type=int,
-                        help="Ignored (torchrun passes the local rank in the environment).")
+    utils.eval_model_args(parser, default_weights="the official DINO weights pretrained on "
+                          "Google Landmarks v2 for vit_small/16, the official ImageNet ones for other models")
     return parser
 
 

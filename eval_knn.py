@@ -43,20 +43,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="Number of nearest neighbours used for classification (one result per value).")
     parser.add_argument("--temperature", default=0.07, type=float,
                         help="Temperature T of the vote weights exp(similarity / T).")
-    parser.add_argument("--pretrained_weights", default="", type=str, help="Path to the weights to evaluate "
-                        "(a DINO training checkpoint or a backbone state dict); empty: download the official "
-                        "DINO weights for --arch and --patch_size.")
     parser.add_argument("--use_cuda", default=torch.cuda.is_available(), type=utils.bool_flag,
                         help="Keep the features on the GPU for the k-NN search (default: true when a GPU is "
                         "visible). Set false to run the search on the CPU (slower, lighter on GPU memory).")
     parser.add_argument("--knn_backend", default="auto", choices=["auto", "torch", "faiss"],
                         help="Neighbour search: faiss (exact inner product, CPU) or torch (matmul + top-k, on "
                         "the features' device); auto: torch with --use_cuda, faiss otherwise.")
-    parser.add_argument("--arch", default="vit_small", type=str, help="Architecture: vit_tiny, vit_small or "
-                        "vit_base.")
-    parser.add_argument("--patch_size", default=16, type=int, help="Patch resolution of the model.")
-    parser.add_argument("--checkpoint_key", default="teacher", type=str,
-                        help='Key of the checkpoint to evaluate (e.g. "teacher" or "student").')
     parser.add_argument("--resize_size", default=256, type=int,
                         help="Val transform: the shorter image side is resized to this (bicubic).")
     parser.add_argument("--crop_size", default=224, type=int, help="Val transform: side of the center crop "
@@ -66,14 +58,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "testfeat.pth, trainlabels.pth, testlabels.pth).")
     parser.add_argument("--load_features", default=None, type=str, help="Folder of features saved by "
                         "--dump_features: skips the model and the data.")
-    parser.add_argument("--num_workers", default=10, type=int, help="Data loading workers per process.")
-    parser.add_argument("--dist_url", default="env://", type=str, help="URL used to set up distributed "
-                        "evaluation; see https://pytorch.org/docs/stable/distributed.html")
-    parser.add_argument("--local_rank", default=0, type=int, help="Ignored: the local rank comes from the "
-                        "LOCAL_RANK environment variable set by torchrun.")
     parser.add_argument("--data_path", default="/path/to/imagenet/", type=str,
                         help="Folder with train/ and val/ (one sub-folder per class), or CIFAR-10's python "
                         "version (cifar-10-batches-py).")
+    utils.eval_model_args(parser, use_cuda_flag=False)
     return parser
 
 

@@ -44,14 +44,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--avgpool_patchtokens", default=False, type=utils.bool_flag,
                         help="Also concatenate the average-pooled patch tokens of the last block; DINO uses "
                         "false for ViT-Small and true for ViT-Base.")
-    parser.add_argument("--arch", default="vit_small", type=str, help="Architecture: vit_tiny, vit_small or "
-                        "vit_base.")
-    parser.add_argument("--patch_size", default=16, type=int, help="Patch resolution of the model.")
-    parser.add_argument("--pretrained_weights", default="", type=str, help="Path to the weights to evaluate "
-                        "(a DINO training checkpoint or a backbone state dict); empty: download the official "
-                        "DINO weights for --arch and --patch_size.")
-    parser.add_argument("--checkpoint_key", default="teacher", type=str,
-                        help='Key of the checkpoint to evaluate (e.g. "teacher" or "student").')
     parser.add_argument("--epochs", default=100, type=int, help="Number of epochs of training.")
     parser.add_argument("--lr", default=0.001, type=float, help="Learning rate at the start of training for a "
                         "total batch of 256 (scaled linearly with batch_size_per_gpu x processes).")
@@ -61,14 +53,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "(a multiple of --patch_size); e.g. 32 to evaluate CIFAR-10 at its own resolution.")
     parser.add_argument("--resize_size", default=None, type=int, help="Val transform: the shorter side is "
                         "resized to this before the center crop (default: image_size x 256 / 224).")
-    parser.add_argument("--dist_url", default="env://", type=str, help="URL used to set up distributed "
-                        "training; see https://pytorch.org/docs/stable/distributed.html")
-    parser.add_argument("--local_rank", default=0, type=int, help="Ignored: the local rank comes from the "
-                        "LOCAL_RANK environment variable set by torchrun.")
     parser.add_argument("--data_path", default="/path/to/imagenet/", type=str,
                         help="Folder with train/ and val/ (one sub-folder per class), or CIFAR-10's python "
                         "version (cifar-10-batches-py).")
-    parser.add_argument("--num_workers", default=10, type=int, help="Data loading workers per process.")
     parser.add_argument("--val_freq", default=1, type=int, help="Validate (and save) every val_freq epochs.")
     parser.add_argument("--output_dir", default=".", type=str, help="Where the classifier checkpoint "
                         f"({CHECKPOINT_NAME}) and log.txt are written; a run restarts from the checkpoint.")
@@ -77,6 +64,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--evaluate", default=False, type=utils.bool_flag, nargs="?", const=True,
                         help="Only validate the classifier saved in --output_dir.")
     parser.add_argument("--seed", default=0, type=int, help="Random seed.")
+    utils.eval_model_args(parser, use_cuda_flag=False)
     return parser
 
 

@@ -63,6 +63,34 @@ def bool_flag(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"invalid boolean {s!r}: use true or false")
 
 
+def eval_model_args(parser: argparse.ArgumentParser, arch: str = "vit_small", patch_size: int = 16,
+                    use_cuda_flag: bool = True,
+                    default_weights: str = "the official DINO weights for --arch and --patch_size",
+                    ) -> argparse.ArgumentParser:
+    """Add the flags every evaluation script shares: the model to evaluate and the run set-up.
+
+    ``--pretrained_weights``, ``--arch``, ``--patch_size``, ``--checkpoint_key``, ``--num_workers``,
+    ``--dist_url``, ``--local_rank`` and, with ``use_cuda_flag``, ``--use_cuda`` (default true: run on the
+    GPU when one is visible; false: on the CPU, through ``args.force_cpu``). ``default_weights`` says what
+    an empty ``--pretrained_weights`` downloads. Returns ``parser``.
+    """
+    parser.add_argument("--pretrained_weights", default="", type=str, help="Path to the weights to evaluate "
+                        f"(a DINO training checkpoint or a backbone state dict); empty: download {default_weights}.")
+    if use_cuda_flag:
+        parser.add_argument("--use_cuda", default=True, type=bool_flag,
+                            help="Run on the GPU when one is available (false: always on the CPU).")
+    parser.add_argument("--arch", default=arch, type=str, help="Architecture: vit_tiny, vit_small or vit_base.")
+    parser.add_argument("--patch_size", default=patch_size, type=int, help="Patch resolution of the model.")
+    parser.add_argument("--checkpoint_key", default="teacher", type=str,
+                        help='Key of the checkpoint to evaluate (e.g. "teacher" or "student").')
+    parser.add_argument("--num_workers", default=10, type=int, help="Data loading workers per process.")
+    parser.add_argument("--dist_url", default="env://", type=str, help="URL used to set up distributed "
+                        "evaluation; see https://pytorch.org/docs/stable/distributed.html")
+    parser.add_argument("--local_rank", default=0, type=int, help="Ignored: the local rank comes from the "
+                        "LOCAL_RANK environment variable set by torchrun.")
+    return parser
+
+
 def fix_random_seeds(seed: int = 0) -> None:
     """Seed torch (CPU and CUDA), numpy and random."""
     torch.manual_seed(seed)

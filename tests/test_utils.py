@@ -196,3 +196,30 @@ def test_run_cli_prints_one_line_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: something is wrong: do this"
+
+
+EVAL_MODEL_FLAGS = {  # the shared block's defaults, as each script had them before utils.eval_model_args
+    "eval_knn": dict(arch="vit_small", patch_size=16, use_cuda=torch.cuda.is_available()),
+    "eval_linear": dict(arch="vit_small", patch_size=16),
+    "eval_image_retrieval": dict(arch="vit_small", patch_size=16, use_cuda=True),
+    "eval_copy_detection": dict(arch="vit_base", patch_size=8, use_cuda=True),
+}
+
+
+@pytest.mark.parametrize("script", sorted(EVAL_MODEL_FLAGS))
+def test_eval_scripts_keep_their_model_flag_defaults(script):
+    module = __import__(script)
+    parser = argparse.ArgumentParser(script, parents=[module.get_args_parser()])
+    expected = dict(pretrained_weights="", checkpoint_key="teacher", num_workers=10, dist_url="env://",
+                    local_rank=0, **EVAL_MODEL_FLAGS[script])
+    defaults = vars(parser.parse_args([]))
+    assert {k: defaults[k] for k in expected} == expected
+    assert ("use_cuda" in defaults) == ("use_cuda" in expected)
+    parsed = vars(parser.parse_args(["--patch_size", "4", "--num_workers", "0", "--local_rank", "3"]
+                                    + (["--use_cuda", "false"] if "use_cuda" in expected else [])))
+    assert (parsed["patch_size"], parsed["num_workers"], parsed["local_rank"]) == (4, 0, 3)
+    assert parsed.get("use_cuda", False) is False
+    help_text = parser.format_help()
+    for flag in expected:
+        assert f"--{flag}" in help_text
+    assert "official" in help_text  # what an empty --pretrained_weights loads

@@ -9,7 +9,6 @@ distributed feature extraction. Code with a single user stays in that user's scr
 import argparse
 import datetime
 import json
-import math
 import os
 import pickle
 import random

@@ -60,14 +60,15 @@ class DropPath(nn.Module):
         if not 0.0 <= drop_prob < 1.0:
             raise ValueError(f"drop_prob must be in [0, 1), got {drop_prob}")
         self.drop_prob = drop_prob
+        # the rate as a tensor too: torch.compile then traces one graph for all blocks instead of one per rate
+        self.register_buffer("keep_prob", torch.tensor(1.0 - drop_prob), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.drop_prob == 0.0 or not self.training:
             return x
-        keep_prob = 1.0 - self.drop_prob
         mask_shape = (x.shape[0],) + (1,) * (x.dim() - 1)
-        mask = x.new_empty(mask_shape).bernoulli_(keep_prob).div_(keep_prob)  # (B, 1, 1)
-        return x * mask
+        mask = torch.rand(mask_shape, device=x.device).add_(self.keep_prob).floor_()  # (B, 1, 1): 1 w.p. keep
+        return x * mask.div_(self.keep_prob).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob}"

@@ -328,3 +328,21 @@ def test_drop_path_rate_schedule_and_block_behaviour():
         assert torch.equal(model(x), model(x))
         model.train()
         assert not torch.allclose(model(x), model(x))
+
+
+def test_compiled_blocks_share_one_graph_whatever_their_drop_path_rate():
+    """--compile compiles each block: a graph per drop-path rate would exhaust dynamo's recompile limit on a
+    12-block ViT and silently leave the deeper blocks uncompiled."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    model = vits.VisionTransformer(img_size=32, patch_size=8, embed_dim=24, depth=4, num_heads=2,
+                                   drop_path_rate=0.3).train()
+    for block in model.blocks:
+        block.compile()
+    try:
+        model.forward_tokens(torch.randn(2, 3, 32, 32)).sum().backward()
+        graphs = counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+    assert graphs == 2  # the first block (rate 0, identity) and all the others

@@ -29,6 +29,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -39,7 +40,6 @@ from typing import NamedTuple, Optional, Sequence
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchvision.datasets import ImageFolder
 
@@ -93,6 +93,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min_lr", default=1e-6, type=float, help="learning rate at the end of the cosine")
     parser.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "lars"],
                         help="adamw (recommended for ViTs), sgd or lars")
+    parser.add_argument("--compile", default=False, type=utils.bool_flag,
+                        help="compile every transformer block and the heads with torch.compile: the same loss, "
+                             "faster steps after the first ones (which compile; so does each new crop size); on "
+                             "the CPU it needs a C++ compiler. Drop-path masks then come from another generator")
     parser.add_argument("--drop_path_rate", default=0.1, type=float, help="stochastic depth rate of the student")
     # Multi-crop and the patch loss
     parser.add_argument("--global_crops_scale", default=(0.4, 1.0), type=float, nargs=2,
@@ -383,6 +387,21 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def compile_blocks(model: MultiCropWrapper, device: torch.device) -> None:
+    """torch.compile every transformer block and the head in place (``Module.compile``), so state-dict keys,
+    DDP and checkpoints are unchanged. The heads see a different number of tokens each step: their first
+    recompilation makes that dimension dynamic instead of compiling again for every count."""
+    if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++")):
+        raise utils.UserError("--compile true on the CPU needs a C++ compiler (g++ or clang++, or set CXX): "
+                              "install one, or train with --compile false")
+    # The blocks run inside DDP's forward, whose own hooks bucket their gradients: dynamo's DDP graph splitter
+    # is not needed, and it fails on the drop-path rate (a float input shared by all blocks' one graph).
+    torch._dynamo.config.optimize_ddp = False
+    for block in model.backbone.blocks:
+        block.compile()
+    model.head.compile()
+
+
 def build_models(args: argparse.Namespace) -> tuple:
     """(student wrapped in DDP, teacher) with the teacher starting as a copy of the student."""
     student_backbone = utils.build_backbone(args.arch, args.patch_size, drop_path_rate=args.drop_path_rate)
@@ -400,6 +419,9 @@ def build_models(args: argparse.Namespace) -> tuple:
     teacher.load_state_dict(student.module.state_dict())  # after DDP has broadcast rank 0's weights
     for p in teacher.parameters():
         p.requires_grad = False
+    if args.compile:
+        compile_blocks(student.module, args.device)
+        compile_blocks(teacher, args.device)
     print(f"Student and teacher are built: {args.arch}/{args.patch_size}, head out_dim {args.out_dim}, "
           f"{sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters each.")
     return student, teacher

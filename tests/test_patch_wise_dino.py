@@ -374,3 +374,11 @@ def test_bfloat16_autocast_step_is_close_to_float32():
         assert p.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
         cosine = F.cosine_similarity(p.grad.flatten(), q.grad.flatten(), dim=0)
         assert cosine > 0.9, f"{name}: bf16 gradient points elsewhere ({cosine:.3f})"
+
+
+def test_compile_without_a_cpp_compiler_on_cpu_is_a_user_error(monkeypatch):
+    monkeypatch.setattr(pwd.shutil, "which", lambda name: None)
+    model = tiny_wrapper(0)
+    with pytest.raises(utils.UserError, match="needs a C.. compiler"):
+        pwd.compile_blocks(model, torch.device("cpu"))
+    assert all(getattr(block, "_compiled_call_impl", None) is None for block in model.backbone.blocks)

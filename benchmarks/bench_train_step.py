@@ -4,8 +4,8 @@ Inputs: one batch of 8 images from the sample photos (``data/sample``) through t
 (2 global crops of 224, 8 local crops of 96, their matches), fixed seed; float32 on the CPU by default.
 Each (configuration, mode) runs ``patch_wise_dino.train_step`` (student + teacher forward, loss, backward,
 clipping, optimiser, teacher EMA) in its own subprocess, so that its peak resident memory
-(``resource.getrusage`` max RSS) belongs to it alone; seconds per step are the median over ``--steps``
-steps after one warm-up step, on one CPU thread by default (``--threads``: with several threads, load from
+(``resource.getrusage`` max RSS) belongs to it alone; seconds per step are the fastest of ``--steps``
+steps after one warm-up step (other load on the machine only ever adds time), on one CPU thread by default (``--threads``: with several threads, load from
 other processes stalls every parallel region, and timings on a shared machine vary several-fold).
 Vanilla and patch-wise subprocesses alternate over ``--rounds`` rounds and each keeps its fastest round,
 so load from other processes hits both alike.
@@ -21,6 +21,7 @@ vanilla; and for every configuration: (time ratio) <= 1.15 x (FLOP ratio).
 
     python benchmarks/bench_train_step.py                          # all rows (about 10 min on 2 cores)
     python benchmarks/bench_train_step.py --configs vit_tiny:4096  # the time / memory targets only
+    python benchmarks/bench_train_step.py --compile true                  # both modes with torch.compile
     python benchmarks/bench_train_step.py --device cuda --use_fp16 true --amp_dtype bfloat16
 """
 import argparse
@@ -28,7 +29,6 @@ import json
 import math
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -84,7 +84,8 @@ def worker(config: dict) -> dict:
     """Time one mode of one configuration in this process; returns seconds, memory and FLOPs."""
     argv = ["--arch", config["arch"], "--patch_size", "16", "--out_dim", str(config["out_dim"]),
             "--batch_size_per_gpu", "8", "--local_crops_number", "8", "--patch_loss", str(config["patch_loss"]),
-            "--use_fp16", str(config["use_fp16"]), "--amp_dtype", config["amp_dtype"], "--epochs", "1"]
+            "--use_fp16", str(config["use_fp16"]), "--amp_dtype", config["amp_dtype"], "--epochs", "1",
+            "--compile", str(config["compile"])]
     args = argparse.ArgumentParser(parents=[pwd.get_args_parser()]).parse_args(argv)
     args.force_cpu = config["device"] == "cpu"
     if config["threads"]:
@@ -100,7 +101,7 @@ def worker(config: dict) -> dict:
     cuda = args.device.type == "cuda"
     before = torch.cuda.memory_allocated() / 2 ** 20 if cuda else max_rss_mb()
     times = []
-    for _ in range(1 + config["steps"]):
+    for _ in range(1 + config["steps"]):  # the first step warms up (and compiles with --compile true)
         start = time.perf_counter()
         pwd.train_step(state, batch, 1, 1e-4, 0.04, 0.996, args)
         if cuda:
@@ -117,7 +118,7 @@ def worker(config: dict) -> dict:
     with FlopCounterMode(display=False, custom_mapping=LOSS_OPS) as loss_counter:
         loss, _ = dino_loss(student_out, teacher_out, plan, epoch)
         loss.backward()
-    return {"seconds": statistics.median(times[1:]), "peak_mb": peak, "before_mb": before,
+    return {"seconds": min(times[1:]), "peak_mb": peak, "before_mb": before,
             "model_flops": counter.get_total_flops(), "loss_flops": loss_counter.get_total_flops(),
             "student_tokens": len(plan.student_rows), "entries": len(plan.entry_teacher),
             "device": torch.cuda.get_device_name() if cuda else "cpu"}
@@ -145,7 +146,7 @@ def main(args: argparse.Namespace) -> bool:
             for patch_loss in (False, True):
                 config = dict(arch=arch, out_dim=int(out_dim), patch_loss=patch_loss, steps=args.steps,
                               device=args.device, use_fp16=args.use_fp16, amp_dtype=args.amp_dtype,
-                              threads=args.threads)
+                              threads=args.threads, compile=args.compile)
                 result = run_worker(config)
                 best = results.get(patch_loss)
                 if best is None or result["seconds"] < best["seconds"]:
@@ -155,7 +156,7 @@ def main(args: argparse.Namespace) -> bool:
         time_ratio = patch["seconds"] / vanilla["seconds"]
         flop_ratio = (patch["model_flops"] + patch["loss_flops"]) / (vanilla["model_flops"] + vanilla["loss_flops"])
         name = f"{arch}/16 K={out_dim}"
-        print(f"\n{name} on {vanilla['device']}: student head on {patch['student_tokens']} tokens "
+        print(f"\n{name} on {vanilla['device']}{' (compiled)' if args.compile else ''}: student head on {patch['student_tokens']} tokens "
               f"({vanilla['student_tokens']} vanilla), {patch['entries']} loss entries")
         for label, r in (("vanilla", vanilla), ("patch", patch)):
             print(f"  {label:8s} {r['seconds']:8.3f} s/step  peak {r['peak_mb']:8.0f} MB (before the first step "
@@ -187,6 +188,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the step runs")
     parser.add_argument("--use_fp16", default=False, type=utils.bool_flag, help="mixed precision (CUDA only)")
     parser.add_argument("--amp_dtype", default="float16", choices=["float16", "bfloat16"], help="half type")
+    parser.add_argument("--compile", default=False, type=utils.bool_flag,
+                        help="train with --compile true in both modes (the warm-up step compiles)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return parser
 

@@ -21,6 +21,7 @@ Differences from the reference code:
   ``--skip_bad_images``; each image's crops depend on (--seed, epoch, index) only, not on the data workers.
 """
 import argparse
+import ctypes
 import dataclasses
 import datetime
 import functools
@@ -694,6 +695,25 @@ class Precision(NamedTuple):
         return torch.autocast(self.device_type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
 
 
+def keep_freed_memory() -> bool:
+    """Stop glibc's malloc from handing large freed blocks back to the kernel (Linux; no-op elsewhere).
+
+    A CPU step allocates and frees tensors of hundreds of MB (the (tokens, K) head outputs, targets and
+    gradients). By default each is a fresh mmap that the kernel maps and zeroes page by page on first touch:
+    a third of a vit_tiny/16, K=65536 patch-wise step (22.7 s -> 15.6 s with this). The process keeps its
+    peak memory until it exits, which a training loop reaches every step anyway. Returns whether it applied.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt(3) parameter numbers
+    # largest blocks served from the heap instead of mmap (older glibc caps this at 32 MB: keep its maximum)
+    in_heap = mallopt(m_mmap_threshold, 2 ** 31 - 1) or mallopt(m_mmap_threshold, 32 * 2 ** 20)
+    return bool(in_heap and mallopt(m_trim_threshold, -1))  # -1: never trim the heap
+
+
 def setup_precision(args: argparse.Namespace) -> Precision:
     device_type = args.device.type
     if not args.use_fp16:
@@ -1123,6 +1143,8 @@ def main(args: argparse.Namespace) -> TrainState:
     check_args(args)
     prepare_output_dir(args.output_dir)
     utils.init_distributed_mode(args)
+    if args.device.type == "cpu" and keep_freed_memory():
+        print("CPU training: freed memory is kept for reuse (glibc mallopt) instead of being mapped afresh each step")
     utils.fix_random_seeds(args.seed)  # the same initial weights in every process
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     checkpoint, checkpoint_path = load_run_checkpoint(args)  # before any work: a run of another model is refused

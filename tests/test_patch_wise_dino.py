@@ -7,6 +7,10 @@
 """
 import argparse
 import copy
+import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,6 +20,8 @@ import torch.nn.functional as F
 import patch_wise_dino as pwd
 import utils
 from vision_transformer import DINOHead, VisionTransformer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 STUDENT_TEMP = 0.1
 
@@ -382,3 +388,24 @@ def test_compile_without_a_cpp_compiler_on_cpu_is_a_user_error(monkeypatch):
     with pytest.raises(utils.UserError, match="needs a C.. compiler"):
         pwd.compile_blocks(model, torch.device("cpu"))
     assert all(getattr(block, "_compiled_call_impl", None) is None for block in model.backbone.blocks)
+
+
+def test_freed_large_blocks_are_reused_without_page_faults():
+    """keep_freed_memory: a large tensor reuses the pages of the previous one instead of faulting in fresh ones
+    (in a fresh process: the allocator's state in the test process depends on the tests before)."""
+    code = """if True:
+        import resource, sys, torch
+        import patch_wise_dino as pwd
+        if not pwd.keep_freed_memory():
+            sys.exit(3)
+        def faults():
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            torch.ones(32 * 2 ** 20)  # 128 MB, freed at once; 32768 pages of 4 KB when mapped afresh
+            return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        print([faults() for _ in range(4)])
+    """
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    if proc.returncode == 3:
+        pytest.skip("not glibc: the allocator setting does not apply")
+    assert proc.returncode == 0, proc.stderr
+    assert max(json.loads(proc.stdout)[2:]) < 1000, proc.stdout

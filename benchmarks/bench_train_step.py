@@ -19,7 +19,7 @@ op (4 for softmax, log-softmax and logsumexp).
 Targets (vit_tiny/16, out_dim 4096): patch-wise step time <= 1.8 x vanilla and peak memory <= 1.3 x
 vanilla; and for every configuration: (time ratio) <= 1.15 x (FLOP ratio).
 
-    python benchmarks/bench_train_step.py                          # all rows (about 10 min on 2 cores)
+    python benchmarks/bench_train_step.py                          # all rows (about 17 min on 2 cores)
     python benchmarks/bench_train_step.py --configs vit_tiny:4096  # the time / memory targets only
     python benchmarks/bench_train_step.py --compile true                  # both modes with torch.compile
     python benchmarks/bench_train_step.py --device cuda --use_fp16 true --amp_dtype bfloat16

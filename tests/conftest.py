@@ -1,5 +1,6 @@
 """Fixtures shared by several test files."""
 import builtins
+import os
 
 import pytest
 import torch
@@ -15,3 +16,19 @@ def fresh_process_group():
     if utils.is_dist_avail_and_initialized():
         torch.distributed.destroy_process_group()
     builtins.print = saved_print
+
+
+class RunsCode:
+    """Unpickling this calls os.system (it touches ``marker``): a hostile checkpoint or ground-truth file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.fixture
+def runs_code():
+    """The class of hostile objects: ``runs_code(marker_path)``."""
+    return RunsCode

@@ -136,18 +136,10 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path, straight, c
     assert len(read_log(out)) == 2  # nothing trained
 
 
-class _RunsCode:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
-def test_checkpoint_that_would_run_code_is_refused(tmp_path, fresh_process_group):
+def test_checkpoint_that_would_run_code_is_refused(tmp_path, fresh_process_group, runs_code):
     out = tmp_path / "out"
     out.mkdir()
-    torch.save({"student": {}, "teacher": {}, "optimizer": _RunsCode(tmp_path / "pwned"), "epoch": 1},
+    torch.save({"student": {}, "teacher": {}, "optimizer": runs_code(tmp_path / "pwned"), "epoch": 1},
                out / "checkpoint.pth")
     write_images(tmp_path / "data", 2)
     with pytest.raises(utils.UserError, match="refused to load .*checkpoint.pth: it contains objects other than"):

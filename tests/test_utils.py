@@ -15,16 +15,6 @@ from vision_transformer import DINOHead
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class _RunsCode:
-    """Unpickling this calls os.system: a hostile checkpoint or ground-truth file."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
 def _training_layout_checkpoint(backbone, head):
     teacher = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
     teacher.update({f"head.{k}": v for k, v in head.state_dict().items()})
@@ -74,10 +64,10 @@ def test_atomic_save_round_trip_and_no_leftovers(tmp_path):
     assert os.listdir(tmp_path) == ["checkpoint.pth"]
 
 
-def test_checkpoint_that_runs_code_is_refused(tmp_path):
+def test_checkpoint_that_runs_code_is_refused(tmp_path, runs_code):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
-    torch.save({"teacher": _RunsCode(marker)}, path)
+    torch.save({"teacher": runs_code(marker)}, path)
     with pytest.raises(utils.UserError, match="refused"):
         utils.load_checkpoint(str(path))
     assert not marker.exists()
@@ -102,10 +92,10 @@ def test_file_that_is_not_a_checkpoint_is_called_corrupt_not_dangerous(tmp_path,
     assert "run code" not in str(info.value)
 
 
-def test_pickle_that_runs_code_is_refused_and_plain_data_loads(tmp_path):
+def test_pickle_that_runs_code_is_refused_and_plain_data_loads(tmp_path, runs_code):
     marker = tmp_path / "pwned"
     evil = tmp_path / "gnd_evil.pkl"
-    evil.write_bytes(pickle.dumps({"imlist": ["a"], "x": _RunsCode(marker)}))
+    evil.write_bytes(pickle.dumps({"imlist": ["a"], "x": runs_code(marker)}))
     with pytest.raises(utils.UserError, match="refused"):
         utils.safe_pickle_load(str(evil))
     assert not marker.exists()

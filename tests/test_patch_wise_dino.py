@@ -391,8 +391,10 @@ def test_compile_without_a_cpp_compiler_on_cpu_is_a_user_error(monkeypatch):
 
 
 def test_freed_large_blocks_are_reused_without_page_faults():
-    """keep_freed_memory: a large tensor reuses the pages of the previous one instead of faulting in fresh ones
-    (in a fresh process: the allocator's state in the test process depends on the tests before)."""
+    """keep_freed_memory: once warm, a large tensor reuses pages of the heap instead of faulting in fresh ones
+    (in a fresh process: the allocator's state in the test process depends on the tests before). The first few
+    allocations may still grow the heap: a small block can land where the freed one was, so glibc alternates
+    between two places (seen in CI: [32705, 0, 32768, 0, ...]); without the setting every one faults 32768."""
     code = """if True:
         import resource, sys, torch
         import patch_wise_dino as pwd
@@ -402,10 +404,10 @@ def test_freed_large_blocks_are_reused_without_page_faults():
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             torch.ones(32 * 2 ** 20)  # 128 MB, freed at once; 32768 pages of 4 KB when mapped afresh
             return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-        print([faults() for _ in range(4)])
+        print([faults() for _ in range(10)])
     """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     if proc.returncode == 3:
         pytest.skip("not glibc: the allocator setting does not apply")
     assert proc.returncode == 0, proc.stderr
-    assert max(json.loads(proc.stdout)[2:]) < 1000, proc.stdout
+    assert max(json.loads(proc.stdout)[5:]) < 1000, proc.stdout

@@ -538,7 +538,8 @@ class PatchWiseDINOLoss(nn.Module):
                              f"{len(plan.student_rows)} rows of dim {K}")
         temp = float(self.teacher_temp_schedule[min(epoch, len(self.teacher_temp_schedule) - 1)])
         rows = max(1, (self.chunk_elements or (2 ** 26 if teacher_out.is_cuda else 2 ** 21)) // K)
-        with torch.no_grad():
+        # float32 throughout, also under mixed precision: autocast would run the row dot products in half
+        with torch.no_grad(), torch.autocast(student_out.device.type, enabled=False):
             targets, teacher_entropy = self._targets(teacher_out, plan, len(student_out), temp, rows)
             mass = torch.zeros(len(student_out), device=student_out.device)  # (S,) = sum_k targets
             mass.index_add_(0, plan.entry_student, plan.entry_weight)

@@ -140,6 +140,28 @@ def test_teacher_temperature_warmup_schedule():
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_loss_under_mixed_precision_is_computed_in_float32():
+    """Under autocast (bfloat16 on the CPU here, float16 on a GPU) the loss, its diagnostics and the gradient
+    equal the float32 ones: autocast would otherwise run the row dot products in half precision."""
+    torch.manual_seed(0)
+    K, B = 4096, 4
+    batch = pwd.collate_multicrop([([torch.zeros(3, 4, 4)] * 4, pwd.cls_only_matches(4))] * B)
+    plan = pwd.make_loss_plan(*batch[1:], view_tokens=[1] * 4, teacher_tokens=1)
+    student, teacher = torch.randn(4 * B, K) * 3, torch.randn(2 * B, 1, K) * 0.3
+    results = []
+    for dtype in (None, torch.bfloat16):
+        leaf = student.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss, stats = make_loss(K, 1, 0.04, torch.zeros(1, 1, K))(leaf, teacher, plan, epoch=0)
+        loss.backward()
+        results.append((loss.detach(), stats, leaf.grad))
+    (loss32, stats32, grad32), (loss16, stats16, grad16) = results
+    torch.testing.assert_close(loss16, loss32, rtol=1e-6, atol=0)
+    for name in stats32:
+        torch.testing.assert_close(stats16[name], stats32[name], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad16, grad32, rtol=1e-6, atol=1e-9)
+
+
 @pytest.mark.parametrize("chunk_elements", [None, 40])
 @pytest.mark.parametrize("B,n_local,seed", [(1, 1, 0), (3, 2, 1), (4, 0, 2)])
 def test_patch_loss_equals_per_image_per_pair_loop(B, n_local, seed, chunk_elements):

@@ -197,11 +197,11 @@ def init_distributed_mode(args: argparse.Namespace) -> None:
 def cosine_scheduler(base_value: float, final_value: float, epochs: int, niter_per_ep: int,
                      warmup_epochs: int = 0, start_warmup_value: float = 0.0) -> np.ndarray:
     """Per-iteration values: linear warm-up from ``start_warmup_value`` to ``base_value`` over
-    ``warmup_epochs``, then a half cosine from ``base_value`` down to ``final_value``."""
+    ``warmup_epochs`` (its last step reaches ``base_value``, as in DINO), then a half cosine from
+    ``base_value`` down to ``final_value``."""
     total = epochs * niter_per_ep
     warmup_iters = min(warmup_epochs * niter_per_ep, total)
-    warmup = np.linspace(start_warmup_value, base_value, warmup_iters, endpoint=False) if warmup_iters else \
-        np.array([])
+    warmup = np.linspace(start_warmup_value, base_value, warmup_iters)
     steps = np.arange(total - warmup_iters)
     cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * steps / max(len(steps), 1)))
     schedule = np.concatenate((warmup, cosine))

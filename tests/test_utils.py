@@ -26,7 +26,7 @@ def _training_layout_checkpoint(backbone, head):
 def test_cosine_scheduler_warmup_and_ends():
     s = utils.cosine_scheduler(1.0, 0.1, epochs=3, niter_per_ep=4, warmup_epochs=1, start_warmup_value=0.0)
     assert len(s) == 12
-    np.testing.assert_allclose(s[:4], [0, 0.25, 0.5, 0.75])
+    np.testing.assert_allclose(s[:4], [0, 1 / 3, 2 / 3, 1])  # DINO: the warm-up's last step is the peak
     assert s[4] == pytest.approx(1.0)
     # Half cosine over the 8 remaining steps: value at step j is 0.1 + 0.45 * (1 + cos(pi j / 8)).
     np.testing.assert_allclose(s[4:], 0.1 + 0.45 * (1 + np.cos(np.pi * np.arange(8) / 8)))

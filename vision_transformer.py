@@ -10,8 +10,6 @@ Parameter names and shapes equal the official DINO state dicts, so their weights
 Deliberate differences from the DINO reference code:
 - attention runs through `torch.nn.functional.scaled_dot_product_attention` (fused kernels); the
   weights are only materialised by `get_last_selfattention`;
-- position embeddings are resized with an exact output `size=` (DINO passes a scale factor with a
-  +0.1 offset), which also handles non-square inputs correctly;
 - the weight-normalised last layer of `DINOHead` is implemented here with the same parameter names
   (`weight_g`, `weight_v`) instead of the deprecated `torch.nn.utils.weight_norm` hook, which also
   makes the head deep-copyable (the teacher is a copy of the student).
@@ -39,12 +37,19 @@ def resize_pos_embed(pos_embed: torch.Tensor, old_grid: Tuple[int, int],
                      new_grid: Tuple[int, int]) -> torch.Tensor:
     """Bicubically resize the patch part of (1, 1+h*w, D) position embeddings to another token grid.
 
-    The [CLS] embedding is kept; patches are row-major on both grids. Returns (1, 1+H*W, D).
+    Sampled as the DINO reference does, so that its weights give its features at every resolution: the
+    scale factor per axis is (new + 0.1) / old (the 0.1 keeps the output size from rounding down), and
+    interpolation samples source position (i + 0.5) / scale - 0.5, slightly off the exact ``size=``
+    positions. The [CLS] embedding is kept; patches are row-major on both grids. Returns (1, 1+H*W, D).
     """
     cls_pos = pos_embed[:, :1]  # (1, 1, D)
     patch_pos = pos_embed[:, 1:].reshape(1, old_grid[0], old_grid[1], -1).permute(0, 3, 1, 2)  # (1, D, h, w)
-    patch_pos = F.interpolate(patch_pos.float(), size=tuple(new_grid), mode="bicubic",
+    scale = tuple((new + 0.1) / old for new, old in zip(new_grid, old_grid))
+    patch_pos = F.interpolate(patch_pos.float(), scale_factor=scale, mode="bicubic",
                               align_corners=False).to(pos_embed.dtype)  # (1, D, H, W)
+    if tuple(patch_pos.shape[-2:]) != tuple(new_grid):
+        raise ValueError(f"resizing position embeddings from {old_grid} to {new_grid} gave "
+                         f"{tuple(patch_pos.shape[-2:])}")
     patch_pos = patch_pos.flatten(2).transpose(1, 2)  # (1, H*W, D)
     return torch.cat((cls_pos, patch_pos), dim=1)  # (1, 1+H*W, D)
 

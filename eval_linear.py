@@ -10,8 +10,12 @@ training, resize 256 + center crop 224 for validation; DDP across ``torchrun`` p
 Deliberate differences from the reference:
 - ``--image_size`` (and ``--resize_size``) let 32-pixel datasets such as CIFAR-10 be evaluated at their own
   resolution or upsampled;
-- the pooled patch tokens are appended after the [CLS] features (the reference interleaves them, which
-  only works for one block); the order does not matter for a layer trained from scratch;
+- with more than one block, the pooled patch tokens follow the [CLS] features (the reference cannot pool
+  then); with one block they are interleaved as in the reference, whose released heads therefore apply;
+- the classifier checkpoint records what its features depend on (backbone weights, --arch, --patch_size,
+  --n_last_blocks, --avgpool_patchtokens, --image_size), and a run whose features differ refuses to resume
+  or --evaluate it instead of silently reusing another model's classifier;
+- a resumed run uses the current --lr and number of processes (and --epochs) for the rest of the schedule;
 - validation is split over the processes without padding and the counts are summed, so the accuracy is
   exact for any number of processes;
 - the cosine schedule is computed from the epoch (``LambdaLR``), so a run resumed with more ``--epochs``
@@ -20,6 +24,7 @@ Deliberate differences from the reference:
   linear weights); the last line of stdout is a JSON object with ``top1``, ``top5`` and ``best_acc``.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -83,13 +88,33 @@ class LinearClassifier(nn.Module):
 
 
 def frozen_features(model: nn.Module, images: torch.Tensor, n_last_blocks: int, avgpool: bool) -> torch.Tensor:
-    """[CLS] outputs of the last ``n_last_blocks`` blocks (+ mean patch token of the last): (B, D * (n + avgpool))."""
+    """[CLS] outputs of the last ``n_last_blocks`` blocks (+ mean patch token of the last): (B, D * (n + avgpool)).
+
+    With one block and ``avgpool`` the two alternate channel by channel (cls_0, avg_0, cls_1, avg_1, ...), the
+    reference's layout, so that its released ViT-B linear heads read the right columns; with more blocks the
+    pooled tokens follow all [CLS] features."""
     with torch.no_grad():
         outputs = model.get_intermediate_layers(images, n_last_blocks)  # n x (B, 1+N, D)
         feats = torch.cat([x[:, 0] for x in outputs], dim=-1)  # (B, n*D)
         if avgpool:
-            feats = torch.cat((feats, outputs[-1][:, 1:].mean(dim=1)), dim=-1)  # (B, (n+1)*D)
+            pooled = outputs[-1][:, 1:].mean(dim=1)  # (B, D)
+            if n_last_blocks == 1:
+                feats = torch.stack((feats, pooled), dim=-1).flatten(1)  # (B, 2*D) interleaved
+            else:
+                feats = torch.cat((feats, pooled), dim=-1)  # (B, (n+1)*D)
     return feats
+
+
+def feature_setup(model: nn.Module, args: argparse.Namespace) -> Dict[str, object]:
+    """What the classifier's input depends on, saved with it: a classifier is only resumed or evaluated on
+    the same features. The backbone is identified by a SHA-256 of its weights, not by the file's path."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return {"backbone weights": digest.hexdigest(), "--arch": args.arch, "--patch_size": args.patch_size,
+            "--n_last_blocks": args.n_last_blocks, "--avgpool_patchtokens": args.avgpool_patchtokens,
+            "--image_size": args.image_size}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -190,12 +215,23 @@ def validate(model: nn.Module, classifier: nn.Module, loader: torch.utils.data.D
     return stats
 
 
-def load_classifier_checkpoint(path: str, classifier: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+def load_classifier_checkpoint(path: str, classifier: nn.Module, setup: Dict[str, object],
+                               optimizer: Optional[torch.optim.Optimizer] = None,
                                scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None) -> dict:
-    """Restore the classifier (and optimizer, scheduler) from ``path``; returns the checkpoint."""
+    """Restore the classifier (and optimizer, scheduler) from ``path`` after checking that it was trained on
+    the features ``setup`` describes (see ``feature_setup``); returns the checkpoint."""
     checkpoint = utils.load_checkpoint(path)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise utils.UserError(f"{path} is not a linear classifier checkpoint (no 'state_dict')")
+    saved = checkpoint.get("setup")
+    if isinstance(saved, dict):
+        differ = [key if key == "backbone weights" else f"{key} {value} (saved: {saved.get(key)})"
+                  for key, value in setup.items() if saved.get(key) != value]
+        if differ:
+            raise utils.UserError(f"{path} holds a classifier trained on other features: {', '.join(differ)}. "
+                                  f"Use another --output_dir for this backbone, or delete that checkpoint to retrain")
+    else:
+        print(f"{path} does not record the backbone it was trained on (a released head?): not checked")
     try:
         classifier.load_state_dict(checkpoint["state_dict"])
     except RuntimeError:
@@ -211,7 +247,8 @@ def load_classifier_checkpoint(path: str, classifier: nn.Module, optimizer: Opti
 
 
 def train_linear(model: nn.Module, classifier: nn.Module, train_loader: torch.utils.data.DataLoader,
-                 val_loader: torch.utils.data.DataLoader, args: argparse.Namespace) -> Dict[str, float]:
+                 val_loader: torch.utils.data.DataLoader, setup: Dict[str, object],
+                 args: argparse.Namespace) -> Dict[str, float]:
     """The training loop with resume, validation, checkpoint and log every ``val_freq`` epochs."""
     lr = args.lr * args.batch_size_per_gpu * utils.get_world_size() / 256.0
     optimizer = torch.optim.SGD(classifier.parameters(), lr, momentum=0.9, weight_decay=args.weight_decay)
@@ -224,10 +261,11 @@ def train_linear(model: nn.Module, classifier: nn.Module, train_loader: torch.ut
     checkpoint_path = os.path.join(args.output_dir, CHECKPOINT_NAME)
     start_epoch, best_acc, test_stats = 0, 0.0, None
     if os.path.isfile(checkpoint_path):
-        checkpoint = load_classifier_checkpoint(checkpoint_path, classifier, optimizer, scheduler)
+        checkpoint = load_classifier_checkpoint(checkpoint_path, classifier, setup, optimizer, scheduler)
         start_epoch, best_acc = int(checkpoint.get("epoch", 0)), float(checkpoint.get("best_acc", 0.0))
-        for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):  # follow the current --epochs
-            group["lr"] = base_lr * cosine(start_epoch)
+        scheduler.base_lrs = [lr] * len(optimizer.param_groups)  # the current --lr, batch and --epochs
+        for group in optimizer.param_groups:
+            group["lr"] = lr * cosine(start_epoch)
 
     for epoch in range(start_epoch, epochs):
         train_loader.sampler.set_epoch(epoch)
@@ -241,7 +279,8 @@ def train_linear(model: nn.Module, classifier: nn.Module, train_loader: torch.ut
             print(f"Max accuracy so far: {best_acc:.2f}%")
             utils.save_on_master({"epoch": epoch + 1, "state_dict": classifier.state_dict(),
                                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                  "best_acc": best_acc, "num_labels": args.num_labels}, checkpoint_path)
+                                  "best_acc": best_acc, "num_labels": args.num_labels, "setup": setup},
+                                 checkpoint_path)
             utils.append_json_log(args.output_dir, {**{f"train_{k}": v for k, v in train_stats.items()},
                                                     **{f"test_{k}": v for k, v in test_stats.items()},
                                                     "epoch": epoch})
@@ -297,14 +336,15 @@ def main(args: argparse.Namespace) -> Dict[str, float]:
     classifier = nn.parallel.DistributedDataParallel(
         classifier, device_ids=[args.gpu] if args.device.type == "cuda" else None)
 
+    setup = feature_setup(model, args)
     if args.evaluate:
-        checkpoint = load_classifier_checkpoint(os.path.join(args.output_dir, CHECKPOINT_NAME), classifier)
+        checkpoint = load_classifier_checkpoint(os.path.join(args.output_dir, CHECKPOINT_NAME), classifier, setup)
         test_stats = validate(model, classifier, val_loader, args)
         print(f"Accuracy of the network on the {len(val_loader.dataset)} test images: {test_stats['acc1']:.1f}%")
         result = {"top1": test_stats["acc1"], "top5": test_stats["acc5"],
                   "best_acc": float(checkpoint.get("best_acc", test_stats["acc1"]))}
     else:
-        result = train_linear(model, classifier, train_loader, val_loader, args)
+        result = train_linear(model, classifier, train_loader, val_loader, setup, args)
     print(json.dumps(result), flush=True)
     return result
 

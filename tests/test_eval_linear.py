@@ -27,8 +27,13 @@ def test_frozen_features_concatenate_last_blocks_then_pooled_patches():
     torch.testing.assert_close(feats[:, 2 * 192:3 * 192], second_last)
     pooled = eval_linear.frozen_features(model, images, 1, True)
     assert pooled.shape == (2, 2 * 192)
-    torch.testing.assert_close(pooled[:, :192], cls_last)
-    torch.testing.assert_close(pooled[:, 192:], tokens[:, 1:].mean(dim=1))
+    # one block: the reference's layout cls_0, avg_0, cls_1, avg_1, ... (its released ViT-B heads expect it)
+    torch.testing.assert_close(pooled[:, 0::2], cls_last)
+    torch.testing.assert_close(pooled[:, 1::2], tokens[:, 1:].mean(dim=1))
+    pooled = eval_linear.frozen_features(model, images, 2, True)  # more blocks: the pooled tokens last
+    assert pooled.shape == (2, 3 * 192)
+    torch.testing.assert_close(pooled[:, 192:2 * 192], cls_last)
+    torch.testing.assert_close(pooled[:, 2 * 192:], tokens[:, 1:].mean(dim=1))
     assert not feats.requires_grad
 
 
@@ -77,18 +82,31 @@ def test_train_resume_and_evaluate(linear_setup):
     assert {"state_dict", "optimizer", "scheduler"} <= set(saved)
     assert sorted(os.listdir(out)) == ["checkpoint.pth.tar", "log.txt"]  # no temporary file left behind
 
-    resumed = run_script("eval_linear.py", [*common, "--epochs", "3", "--output_dir", out])
+    assert saved["setup"]["--image_size"] == 32 and len(saved["setup"]["backbone weights"]) == 64
+
+    # resumed with more epochs and another --lr: the rest of the schedule follows the current command
+    resumed = run_script("eval_linear.py", [*common, "--epochs", "3", "--output_dir", out, "--lr", "0.1"])
     last_json(resumed)
     assert "Epoch: [2]" in resumed.stdout and "Epoch: [0]" not in resumed.stdout
     log = _log(out)
     assert [entry["epoch"] for entry in log] == [0, 1, 2]
-    assert log[2]["train_lr"] == pytest.approx(base_lr * 0.5 * (1 + math.cos(2 * math.pi / 3)))
+    assert log[2]["train_lr"] == pytest.approx(0.1 * 4 / 256 * 0.5 * (1 + math.cos(2 * math.pi / 3)))
 
     evaluated = run_script("eval_linear.py", [*common, "--evaluate", "--output_dir", out])
     result = last_json(evaluated)
     assert "Epoch:" not in evaluated.stdout
     assert result["top1"] == log[-1]["test_acc1"] and result["best_acc"] == 100.0
     assert _printed_val_loss(evaluated.stdout) == pytest.approx(log[-1]["test_loss"], abs=1.5e-3)
+    assert len(_log(out)) == 3
+
+    # another backbone (same architecture, so the shapes fit) or other features: refused, nothing reused
+    other = write_dino_checkpoint(str(root / "other_backbone.pth"), seed=1)
+    weights = common.index("--pretrained_weights") + 1
+    refused = run_script("eval_linear.py", [*common[:weights], other, *common[weights + 1:], "--evaluate",
+                                            "--output_dir", out])
+    assert_one_line_error(refused, "backbone weights", "another --output_dir")
+    refused = run_script("eval_linear.py", [*common, "--epochs", "4", "--output_dir", out, "--image_size", "48"])
+    assert_one_line_error(refused, "--image_size 48 (saved: 32)")
     assert len(_log(out)) == 3
 
 

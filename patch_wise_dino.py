@@ -392,11 +392,16 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def cpp_compiler_available() -> bool:
+    """Whether torch.compile's CPU backend (inductor) finds a C++ compiler."""
+    return any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++"))
+
+
 def compile_blocks(model: MultiCropWrapper, device: torch.device) -> None:
     """torch.compile every transformer block and the head in place (``Module.compile``), so state-dict keys,
     DDP and checkpoints are unchanged. The heads see a different number of tokens each step: their first
     recompilation makes that dimension dynamic instead of compiling again for every count."""
-    if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++")):
+    if device.type == "cpu" and not cpp_compiler_available():
         raise utils.UserError("--compile true on the CPU needs a C++ compiler (g++ or clang++, or set CXX): "
                               "install one, or train with --compile false")
     # The blocks run inside DDP's forward, whose own hooks bucket their gradients: dynamo's DDP graph splitter

@@ -445,17 +445,23 @@ class LossPlan(NamedTuple):
     student_rows: torch.Tensor  # (S,) flat rows of the student backbone outputs (MultiCropWrapper layout)
     entry_student: torch.Tensor  # (E,) row of the student output (index into student_rows) of each entry
     entry_teacher: torch.Tensor  # (E,) row of the flat teacher output (i * B + b) * T + t of each entry
-    entry_weight: torch.Tensor  # (E,) 1 / (number of view pairs * valid entries of the entry's pair)
+    entry_weight: torch.Tensor  # (E,) 1 / (view pairs * valid entries of the entry's pair, per process)
     entry_is_cls: torch.Tensor  # (E,) True for the [CLS]-[CLS] entries
 
 
 def make_loss_plan(pairs: torch.Tensor, teacher_idx: torch.Tensor, student_idx: torch.Tensor,
-                   mask: torch.Tensor, view_tokens: Sequence[int], teacher_tokens: int) -> LossPlan:
+                   mask: torch.Tensor, view_tokens: Sequence[int], teacher_tokens: int,
+                   counts_over_processes: bool = False) -> LossPlan:
     """Flatten the padded matches of a batch into loss entries (padding dropped).
 
     ``view_tokens[v]`` is the number of backbone rows per image of student view v (1 + N_v, or 1 for
     [CLS] only); ``teacher_tokens`` the same for the teacher. Each distinct student row appears once in
     ``student_rows`` even when it is matched in several pairs.
+
+    ``counts_over_processes`` (training under DDP; every process must call it): a pair's valid entries are
+    counted over the whole batch of all processes (an all-reduce of P numbers), so that once DDP has
+    averaged the gradients each entry weighs the same in every process, as if one process held the whole
+    batch. Processes hold different numbers of matched patches; [CLS] entries weigh the same either way.
     """
     if len(view_tokens) < NUM_GLOBAL:
         raise ValueError(f"Patch-Wise DINO needs at least {NUM_GLOBAL} views (the global crops), "
@@ -477,8 +483,10 @@ def make_loss_plan(pairs: torch.Tensor, teacher_idx: torch.Tensor, student_idx: 
         raise ValueError("matches refer to views or tokens that the crops do not have")
     teacher_rows = (t_view * B + image) * teacher_tokens + teacher_idx  # (P, B, M)
     student_rows = view_start[s_view] + image * tokens[s_view] + student_idx  # (P, B, M)
-    per_pair = mask.sum((1, 2)).clamp_min(1).float()  # (P,)
-    weight = (1.0 / (P * per_pair))[:, None, None].expand(P, B, M)  # (P, B, M)
+    per_pair = mask.sum((1, 2)).float()  # (P,) valid entries of each pair in this process
+    if counts_over_processes:
+        per_pair = utils.all_reduce_mean(per_pair)  # (P,) the same count per process for every process
+    weight = (1.0 / (P * per_pair.clamp_min(1)))[:, None, None].expand(P, B, M)  # (P, B, M)
     keep = mask.flatten().nonzero().squeeze(1)  # (E,)
     rows, inverse = torch.unique(student_rows.flatten()[keep], return_inverse=True)  # (S,), (E,)
     return LossPlan(rows, inverse, teacher_rows.flatten()[keep], weight.flatten()[keep],
@@ -773,7 +781,8 @@ def train_step(state: TrainState, batch: MultiCropBatch, epoch: int, lr: float, 
     crops = [c.to(device, non_blocking=True) for c in batch.crops]  # V x (B, 3, S, S)
     patch_size, B = unwrap(student).backbone.patch_size, len(crops[0])
     view_tokens = view_token_counts(crops, patch_size, args.patch_loss)
-    plan = make_loss_plan(*(t.to(device, non_blocking=True) for t in batch[1:]), view_tokens, view_tokens[0])
+    plan = make_loss_plan(*(t.to(device, non_blocking=True) for t in batch[1:]), view_tokens, view_tokens[0],
+                          counts_over_processes=True)
     with precision.autocast():
         with torch.no_grad():
             teacher_out = teacher(crops[:NUM_GLOBAL], all_tokens=args.patch_loss)  # (2B*T, K)

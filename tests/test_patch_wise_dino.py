@@ -200,6 +200,57 @@ def test_patch_loss_equals_per_image_per_pair_loop(B, n_local, seed, chunk_eleme
     assert stats["kl_cls"] >= 0 and stats["kl_patch"] >= 0
 
 
+TWO_PROCESS_LOSS_SCRIPT = """
+import sys
+import numpy as np, torch, torch.distributed as dist
+sys.path[:0] = [{repo!r}, {tests!r}]
+import patch_wise_dino as pwd
+from test_patch_wise_dino import gather_student, random_matches
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+B, K, grids = 4, 8, [3, 3, 2, 2]  # the whole batch; each process holds B // world images
+view_tokens, T = [1 + g * g for g in grids], 10
+matches = random_matches(np.random.default_rng(1), 4, grids, B)
+torch.manual_seed(1)
+student_views = [torch.randn(B, t, K) * 2 for t in view_tokens]
+teacher = torch.randn(2 * B, T, K) * 0.2  # (2B, T, K): global view 0 of every image, then view 1
+
+def loss_and_grads(images, over_processes):
+    batch = pwd.collate_multicrop([([torch.zeros(3, 4, 4)] * 4, matches[b]) for b in images])
+    plan = pwd.make_loss_plan(*batch[1:], view_tokens, T, counts_over_processes=over_processes)
+    leaves = [s[images].clone().requires_grad_() for s in student_views]
+    loss_fn = pwd.PatchWiseDINOLoss(K, T, 0.06, 0.06, 0, nepochs=10)
+    loss, _ = loss_fn(gather_student(leaves, plan), torch.cat([teacher[images], teacher[B + images]]), plan, 0)
+    loss.backward()
+    return loss.detach(), [leaf.grad for leaf in leaves]
+
+mine = torch.arange(rank * B // world, (rank + 1) * B // world)
+loss, grads = loss_and_grads(mine, over_processes=True)
+dist.all_reduce(loss)
+whole_loss, whole_grads = loss_and_grads(torch.arange(B), over_processes=False)  # one process, whole batch
+torch.testing.assert_close(loss / world, whole_loss, rtol=1e-5, atol=1e-6)
+for grad, whole in zip(grads, whole_grads):  # DDP averages: the gradient of image b is its share / world
+    torch.testing.assert_close(grad / world, whole[mine], rtol=1e-4, atol=1e-7)
+print("same as one process", flush=True)
+"""
+
+
+def test_two_processes_weigh_each_entry_as_one_process_with_the_whole_batch(tmp_path):
+    """Under DDP the patch loss of the global batch equals one process's loss on the whole batch (value and
+    gradient), although the processes hold different numbers of matched patches."""
+    rng = np.random.default_rng(1)
+    counts = [sum(len(m[2]) for m in item) for item in random_matches(rng, 4, [3, 3, 2, 2], 4)]
+    assert sum(counts[:2]) != sum(counts[2:])  # the two halves differ: per-process counts would weigh wrongly
+    script = tmp_path / "two_process_loss.py"
+    script.write_text(TWO_PROCESS_LOSS_SCRIPT.format(repo=REPO, tests=os.path.join(REPO, "tests")))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("same as one process") == 2
+
+
 def test_matched_token_changes_loss_unmatched_and_padding_do_not():
     rng = np.random.default_rng(5)
     torch.manual_seed(5)

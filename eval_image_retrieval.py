@@ -78,6 +78,10 @@ def load_ground_truth(data_path: str, dataset: str) -> dict:
         missing = [k for k in ("easy", "hard", "junk") if k not in g]
         if missing:
             raise utils.UserError(f"{gnd_path}: gnd[{i}] lacks {', '.join(missing)}")
+        box = g.get("bbx")
+        if box is not None and not (len(box) == 4 and box[0] < box[2] and box[1] < box[3]):
+            raise utils.UserError(f"{gnd_path}: gnd[{i}] has the bounding box {list(box)}, which is not "
+                                  f"(x0, y0, x1, y1) with x0 < x1 and y0 < y1: fix it or pass --crop_queries false")
     return cfg
 
 
@@ -121,11 +125,13 @@ class OxfordParisDataset(torch.utils.data.Dataset):
 # Features
 # ----------------------------------------------------------------------------------------------------
 def fit_to_patches(images: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """Drop the last rows/columns so both sides are multiples of ``patch_size``: (B, 3, H', W')."""
+    """Drop the last rows/columns so both sides are multiples of ``patch_size``: (B, 3, H', W'). A side
+    shorter than one patch (a tiny or very thin image, or one at scale 1/2) is first stretched to one patch."""
+    H, W = images.shape[-2:]
+    if H < patch_size or W < patch_size:
+        images = nn.functional.interpolate(images, size=(max(H, patch_size), max(W, patch_size)),
+                                           mode="bilinear", align_corners=False)  # (B, 3, >=p, >=p)
     h, w = images.shape[-2] // patch_size * patch_size, images.shape[-1] // patch_size * patch_size
-    if h == 0 or w == 0:
-        raise utils.UserError(f"an image of {images.shape[-2]}x{images.shape[-1]} pixels is smaller than one "
-                              f"{patch_size}x{patch_size} patch: raise --imsize")
     return images[..., :h, :w]
 
 

@@ -278,14 +278,32 @@ def test_missing_ground_truth_and_bad_images_are_one_line_errors(mini_revisited,
     assert proc.stderr.startswith("error: cannot decode image") and "d3.jpg" in proc.stderr
 
 
-def test_ground_truth_is_read_without_running_code(tmp_path):
+def test_ground_truth_is_read_without_running_code(tmp_path, runs_code):
     (tmp_path / "roxford5k").mkdir()
-
-    class Evil:
-        def __reduce__(self):
-            return (os.system, ("echo pwned",))
-
     with open(tmp_path / "roxford5k" / "gnd_roxford5k.pkl", "wb") as f:
-        pickle.dump({"imlist": [], "qimlist": [], "gnd": [Evil()]}, f)
+        pickle.dump({"imlist": [], "qimlist": [], "gnd": [runs_code(tmp_path / "ran")]}, f)
     with pytest.raises(utils.UserError, match="refused"):
         retrieval.load_ground_truth(str(tmp_path), "roxford5k")
+    assert not (tmp_path / "ran").exists()
+
+
+def test_a_box_that_is_not_x0_y0_x1_y1_is_a_clear_error(tmp_path):
+    (tmp_path / "roxford5k").mkdir()
+    with open(tmp_path / "roxford5k" / "gnd_roxford5k.pkl", "wb") as f:
+        pickle.dump({"imlist": [], "qimlist": ["q0", "q1"],
+                     "gnd": [{"bbx": [0, 0, 5, 5], "easy": [], "hard": [], "junk": []},
+                             {"bbx": [40, 0, 10, 5], "easy": [], "hard": [], "junk": []}]}, f)
+    with pytest.raises(utils.UserError, match=r"gnd\[1\] has the bounding box \[40, 0, 10, 5\].*--crop_queries false"):
+        retrieval.load_ground_truth(str(tmp_path), "roxford5k")
+
+
+def test_images_smaller_than_a_patch_are_stretched_to_one_patch_not_refused():
+    """A tiny or thin image (or one halved by --multiscale) keeps its content instead of failing: sides shorter
+    than a patch become one patch, the others are cut to multiples of the patch size as usual."""
+    tiny = torch.full((1, 3, 10, 10), 0.5)
+    assert torch.allclose(retrieval.fit_to_patches(tiny, 16), torch.full((1, 3, 16, 16), 0.5))
+    thin = torch.linspace(0, 1, 500)[None, None, :, None].expand(1, 3, 500, 4)  # a vertical ramp, 4 px wide
+    out = retrieval.fit_to_patches(thin, 16)
+    assert out.shape == (1, 3, 496, 16)
+    assert (out[0, 0, 1:, 0] > out[0, 0, :-1, 0]).all()  # the ramp survives the stretch
+    assert retrieval.fit_to_patches(torch.zeros(2, 3, 40, 50), 16).shape == (2, 3, 32, 48)

@@ -265,6 +265,9 @@ def extract_feature_pipeline(args: argparse.Namespace) -> tuple:
     """L2-normalised [CLS] features and labels of both splits (every process gets all of them)."""
     if args.crop_size % args.patch_size:
         raise utils.UserError(f"--crop_size {args.crop_size} is not a multiple of --patch_size {args.patch_size}")
+    if args.resize_size < args.crop_size:
+        raise utils.UserError(f"--resize_size {args.resize_size} is smaller than --crop_size {args.crop_size}: the "
+                              f"center crop would be padded with black; resize to at least the crop size")
     dataset_train, dataset_val = build_datasets(args)
     model = utils.build_backbone(args.arch, args.patch_size)
     utils.load_pretrained_weights(model, args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size)

@@ -1,5 +1,6 @@
 """eval_knn.py: the weighted vote against an independent computation, backend agreement, end to end runs
 (one process, feature dump/load, two torchrun processes) and one-line errors."""
+import argparse
 import math
 import os
 
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import eval_knn
+import utils
 from eval_testdata import assert_one_line_error, last_json, make_image_folder, run_script, write_dino_checkpoint
 
 SMALL_ARGS = ["--arch", "vit_tiny", "--patch_size", "16", "--resize_size", "32", "--crop_size", "32",
@@ -168,3 +170,12 @@ def test_empty_class_folder_is_a_one_line_error(tmp_path, image_data):
     os.makedirs(os.path.join(data, "val", "green"))
     result = run_script("eval_knn.py", ["--data_path", data, "--pretrained_weights", checkpoint, *SMALL_ARGS])
     assert_one_line_error(result, "green")
+
+
+def test_resize_smaller_than_the_crop_is_refused(image_data):
+    _, data, checkpoint = image_data
+    parser = argparse.ArgumentParser(parents=[eval_knn.get_args_parser()])
+    args = parser.parse_args(["--data_path", data, "--pretrained_weights", checkpoint, *SMALL_ARGS,
+                              "--resize_size", "16"])
+    with pytest.raises(utils.UserError, match="--resize_size 16 is smaller than --crop_size 32"):
+        eval_knn.extract_feature_pipeline(args)

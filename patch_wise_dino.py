@@ -30,6 +30,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -127,11 +128,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="skip images that cannot be decoded and count them per epoch (bad_images in log.txt) "
                              "instead of stopping with the file's name")
     parser.add_argument("--seed", default=0, type=int, help="random seed")
-    parser.add_argument("--num_workers", default=min(10, os.cpu_count() or 1), type=int,
-                        help="data loading processes per process (default 10, or the number of CPUs if fewer)")
+    cpus_per_process = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    parser.add_argument("--num_workers", default=max(1, min(10, cpus_per_process)), type=int,
+                        help="data loading processes per training process (default 10, or this node's CPUs "
+                             "divided by its training processes if fewer)")
     parser.add_argument("--print_freq", default=10, type=int, help="print progress every this many iterations")
     parser.add_argument("--dist_url", default="env://", type=str, help="url of the distributed process group")
-    parser.add_argument("--local_rank", default=0, type=int, help="ignored: the launcher sets LOCAL_RANK")
+    parser.add_argument("--local_rank", "--local-rank", default=0, type=int,
+                        help="ignored: the launcher sets LOCAL_RANK (accepted for torch.distributed.launch)")
     return parser
 
 
@@ -151,9 +155,19 @@ def check_args(args: argparse.Namespace) -> None:
     for flag in ("batch_size_per_gpu", "epochs", "out_dim", "print_freq"):
         if getattr(args, flag) < 1:
             raise utils.UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    for flag in ("local_crops_number", "resize", "num_workers", "saveckp_freq", "saveckp_iters", "seed"):
+    for flag in ("local_crops_number", "resize", "num_workers", "saveckp_freq", "saveckp_iters", "seed", "lr",
+                 "min_lr", "clip_grad", "weight_decay", "weight_decay_end", "drop_path_rate",
+                 "warmup_epochs", "warmup_teacher_temp_epochs", "freeze_last_layer"):
         if getattr(args, flag) < 0:
             raise utils.UserError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
+    for flag in ("teacher_temp", "warmup_teacher_temp"):
+        if getattr(args, flag) <= 0:
+            raise utils.UserError(f"--{flag} must be positive (DINO: 0.04 to 0.07), got {getattr(args, flag)}")
+    for flag in ("momentum_teacher", "center_momentum"):
+        if not 0 <= getattr(args, flag) <= 1:
+            raise utils.UserError(f"--{flag} must be in [0, 1], got {getattr(args, flag)}")
+    if args.drop_path_rate >= 1:
+        raise utils.UserError(f"--drop_path_rate must be below 1, got {args.drop_path_rate}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -832,10 +846,13 @@ def epoch_seed(seed: int, epoch: int, rank: int, samples_done: int = 0) -> int:
 # ----------------------------------------------------------------------------------------------------
 class StopFlag:
     """While active (``with``), SIGTERM and SIGINT only record the signal in ``signum``; the training loop
-    checks it after each iteration, all processes agree, and they stop together after a checkpoint."""
+    checks it after each iteration, all processes agree, and they stop together after a checkpoint.
+    ``lost_workers`` says why this process's data workers died without a signal (killed, e.g. out of memory):
+    training stops the same way, then reports it."""
 
     def __init__(self):
         self.signum = 0
+        self.lost_workers = ""
         self._previous: dict = {}
 
     def _record(self, signum: int, frame) -> None:
@@ -1033,6 +1050,7 @@ def drop_log_lines_from(output_dir: str, epoch: int) -> None:
 def loggers_from(sums: Optional[list]) -> tuple:
     """The printed and the diagnostic ``MetricLogger`` of an epoch, holding the sums saved mid-epoch."""
     loggers = utils.MetricLogger(delimiter="  "), utils.MetricLogger()
+    loggers[0].add_meter("lr", utils.SmoothedValue(window_size=1, fmt="{value:.3e}"))  # warm-up lrs are ~1e-6
     for logger, saved in zip(loggers, sums or ({}, {})):
         for name, (total, count) in saved.items():
             logger.meters[name].total, logger.meters[name].count = float(total), int(count)
@@ -1073,6 +1091,10 @@ def train_one_epoch(state: TrainState, loader: torch.utils.data.DataLoader, sche
     for it, item in enumerate(progress, start=first):
         if sum_over_processes(int(item is None or control.stop.signum != 0), args.device):
             checkpoint_after(it)
+            if control.stop.lost_workers:
+                raise utils.UserError(f"{control.stop.lost_workers} (out of memory?): checkpoint saved to "
+                                      f"{control.last_checkpoint}; lower --num_workers and run the same command "
+                                      f"to continue")
             report_stop(control, f"epoch {epoch}, iteration {it} of {total}")
             return None
         batch, skipped = item
@@ -1083,9 +1105,11 @@ def train_one_epoch(state: TrainState, loader: torch.utils.data.DataLoader, sche
             try:
                 values = train_step(state, batch, epoch, lr, wd, float(schedules["momentum"][step]), args)
             except NonFiniteLoss as exc:
-                raise utils.UserError(f"the loss is {exc.value} at epoch {epoch}, iteration {it}: training "
-                                      f"stopped; the last good checkpoint is {control.last_checkpoint} (continue "
-                                      f"from it with a lower --lr, --clip_grad, or --use_fp16 false)") from None
+                raise utils.UserError(
+                    f"the loss is {exc.value} at epoch {epoch}, iteration {it}: training stopped; the last "
+                    f"checkpoint is {control.last_checkpoint} (continue from it with a lower --lr, --clip_grad, or "
+                    f"--use_fp16 false; if the loss is again not finite at the same iteration, its weights had "
+                    f"already diverged: copy checkpoint.prev.pth over checkpoint.pth and continue from that)") from None
             now = time.time()
             shown = {k: values.pop(k) for k in ("loss", "loss_cls", "loss_patch") if k in values}
             logger.update(**shown, lr=lr, wd=wd, img_s=total_batch / max(now - last, 1e-9))
@@ -1100,23 +1124,26 @@ def train_one_epoch(state: TrainState, loader: torch.utils.data.DataLoader, sche
 
 
 def until_stopped(batches, stop: StopFlag):
-    """The items of ``batches``, then None in place of an error if a stop signal has arrived (data workers
-    that got the signal too are gone: the iteration cannot be fetched, but a checkpoint can be written)."""
+    """The items of ``batches``, then None in place of an error if a stop signal has arrived or the data
+    workers were killed (the iteration cannot be fetched, but a checkpoint can be written)."""
     while True:
         try:
             item = next(batches)
         except StopIteration:
             return
-        except Exception:
+        except Exception as exc:
             if not stop.signum:
-                raise
+                if "DataLoader worker (pid" not in str(exc):
+                    raise
+                stop.lost_workers = str(exc).strip().splitlines()[0].strip()
             yield None
             return
         yield item
 
 
 def report_stop(control: RunControl, where: str) -> None:
-    name = signal.Signals(control.stop.signum).name if control.stop.signum else "a signal to another process"
+    name = signal.Signals(control.stop.signum).name if control.stop.signum else \
+        "a signal or lost data workers in another process"
     print(f"Stopped by {name} after {where}: checkpoint saved to {control.last_checkpoint}; run the same "
           f"command to continue from there", flush=True)
 
@@ -1143,6 +1170,30 @@ def train(state: TrainState, loader: torch.utils.data.DataLoader, schedules: dic
             return
 
 
+def check_same_start(start: ResumePoint, checkpoint_path: Optional[str], device: torch.device) -> None:
+    """Refuse to train when the processes resumed from different points (each node read its own
+    --output_dir, e.g. a node-local disk): they would train different models in lockstep. A collective."""
+    if utils.get_world_size() == 1:
+        return
+    mine = torch.tensor([start.epoch, start.samples_done], dtype=torch.int64, device=device)
+    first = mine.clone()
+    torch.distributed.broadcast(first, 0)
+    if sum_over_processes(int(not torch.equal(mine, first)), device):
+        raise utils.UserError(f"the processes resume from different points (here: epoch {start.epoch}, sample "
+                              f"{start.samples_done} from {checkpoint_path or 'no checkpoint'}; rank 0: epoch "
+                              f"{int(first[0])}, sample {int(first[1])}): --output_dir must be one folder that "
+                              f"every node shares")
+
+
+def remove_stale_temporaries(folder: str) -> None:
+    """Delete the temporary files of checkpoint writes that a killed process left behind (utils.atomic_save
+    names them ``.<name>.tmp<pid>`` and ``.<name>.link<pid>``)."""
+    for name in os.listdir(folder):
+        if re.fullmatch(r"\.checkpoint[\w.]*\.(tmp|link)\d+", name):
+            os.remove(os.path.join(folder, name))
+            print(f"Removed {name}, left in {folder} by an interrupted checkpoint write")
+
+
 def prepare_output_dir(path: str) -> None:
     """Create ``path`` and check that a file can be written there."""
     try:
@@ -1164,6 +1215,7 @@ def main(args: argparse.Namespace) -> TrainState:
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     checkpoint, checkpoint_path = load_run_checkpoint(args)  # before any work: a run of another model is refused
     if utils.is_main_process():
+        remove_stale_temporaries(args.output_dir)
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=1, default=str)
     precision = setup_precision(args)
@@ -1182,6 +1234,7 @@ def main(args: argparse.Namespace) -> TrainState:
           f"{tuple(dino_loss.center.shape)}. Collapse check: a loss stuck at ln(K) = {math.log(args.out_dim):.2f} "
           f"with KL ~ 0 is collapse (uniform if teacher entropy ~ ln(K), one-hot if ~ 0)")
     start = restore(args, state, checkpoint, checkpoint_path)
+    check_same_start(start, checkpoint_path, args.device)
     control = RunControl(StopFlag())
     if checkpoint is not None:
         control.last_checkpoint = f"{checkpoint_path} (epoch {start.epoch}, iteration {checkpoint.get('iteration', 0)})"

@@ -38,14 +38,18 @@ class UserError(Exception):
 
 
 def run_cli(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> None:
-    """Run ``main(args)``; a ``UserError`` becomes ``error: ...`` on stderr and exit status 2."""
+    """Run ``main(args)``; a ``UserError`` becomes ``error: ...`` on stderr and exit status 2, in every process
+    (``print`` is silenced on all but rank 0, and a bad image may be read by any of them), with the rank
+    when there are several."""
     try:
         main(args)
     except UserError as exc:
         message = str(exc).strip()
         if "Traceback" in message:  # re-raised from a DataLoader worker: keep the original message
             message = message.splitlines()[-1].split("UserError: ", 1)[-1]
-        print(f"error: {message}", file=sys.stderr)
+        where = f"[rank {get_rank()}] " if get_world_size() > 1 else ""
+        sys.stderr.write(f"error: {where}{message}\n")
+        sys.stderr.flush()
         sys.exit(2)
     finally:
         if is_dist_avail_and_initialized():
@@ -157,8 +161,11 @@ def init_distributed_mode(args: argparse.Namespace) -> None:
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         launcher = "torchrun"
-    elif "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", 1)) > 1:
-        rank, world_size = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
+    elif "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_STEP_NUM_TASKS",
+                                                             os.environ.get("SLURM_NTASKS", 1))) > 1:
+        # tasks of this srun step (a batch script itself may see SLURM_NTASKS > 1 and run only one process)
+        rank = int(os.environ["SLURM_PROCID"])
+        world_size = int(os.environ.get("SLURM_STEP_NUM_TASKS", os.environ.get("SLURM_NTASKS", 1)))
         local_rank = int(os.environ.get("SLURM_LOCALID", 0))
         launcher = "slurm"
         if getattr(args, "dist_url", "env://") == "env://" and "MASTER_ADDR" not in os.environ:
@@ -170,9 +177,12 @@ def init_distributed_mode(args: argparse.Namespace) -> None:
 
     use_cuda = torch.cuda.is_available() and not getattr(args, "force_cpu", False)
     if use_cuda:
-        if local_rank >= torch.cuda.device_count():
-            raise UserError(f"process with local rank {local_rank} needs a GPU but only "
-                            f"{torch.cuda.device_count()} are visible: lower --nproc_per_node")
+        gpus = torch.cuda.device_count()
+        if launcher == "slurm":  # with --gpus-per-task or --gpu-bind each task sees only its own GPU(s)
+            local_rank %= gpus
+        elif local_rank >= gpus:
+            raise UserError(f"process with local rank {local_rank} needs a GPU but only {gpus} are visible: "
+                            f"lower --nproc_per_node")
         torch.cuda.set_device(local_rank)
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
@@ -182,6 +192,9 @@ def init_distributed_mode(args: argparse.Namespace) -> None:
         if launcher == "single process":
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         else:
+            if launcher == "slurm":
+                sys.stderr.write(f"rank {rank}: waiting for the {world_size} SLURM tasks to join at "
+                                 f"{os.environ.get('MASTER_ADDR')}:{os.environ['MASTER_PORT']}\n")
             dist.init_process_group(backend, init_method=getattr(args, "dist_url", "env://"),
                                     world_size=world_size, rank=rank)
     args.rank, args.world_size, args.gpu, args.device = rank, world_size, local_rank, device
@@ -371,6 +384,10 @@ def atomic_save(obj: Any, path: str, previous: Optional[str] = None) -> None:
         if previous and os.path.isfile(path):
             _keep_as_previous(path, previous)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as a RuntimeError from an OSError
+        cause = exc.__context__ if isinstance(exc, RuntimeError) and isinstance(exc.__context__, OSError) else exc
+        raise UserError(f"could not write {path} ({str(cause).strip().splitlines()[0]}): free some space or "
+                        f"choose another folder; the file it was to replace is unchanged") from exc
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

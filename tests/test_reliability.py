@@ -304,6 +304,8 @@ def fake_gpus(monkeypatch, count):
     ("more_gpus_than_exist", "process with local rank 1 needs a GPU but only 1 are visible: lower --nproc_per_node"),
     ("batch_larger_than_data", "has 3 images, fewer than one batch of 4 (1 processes x 4): lower --batch_size_per_gpu"),
     ("negative_saveckp_iters", "--saveckp_iters must be >= 0, got -1"),
+    ("zero_teacher_temp", "--teacher_temp must be positive (DINO: 0.04 to 0.07), got 0.0"),
+    ("momentum_above_one", "--momentum_teacher must be in [0, 1], got 1.5"),
 ])
 def test_bad_arguments_are_one_line_errors(tmp_path, monkeypatch, capsys, case, needle):
     write_images(tmp_path / "data", 3)
@@ -315,7 +317,9 @@ def test_bad_arguments_are_one_line_errors(tmp_path, monkeypatch, capsys, case, 
              "crop_not_multiple": ["--global_size", "36"],
              "more_gpus_than_exist": [],
              "batch_larger_than_data": ["--batch_size_per_gpu", "4"],
-             "negative_saveckp_iters": ["--saveckp_iters", "-1"]}[case]
+             "negative_saveckp_iters": ["--saveckp_iters", "-1"],
+             "zero_teacher_temp": ["--teacher_temp", "0"],
+             "momentum_above_one": ["--momentum_teacher", "1.5"]}[case]
     if case == "more_gpus_than_exist":
         fake_gpus(monkeypatch, 1)
     args = parse(TINY + ["--data_path", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out"), *extra])
@@ -347,3 +351,104 @@ def test_evaluation_datasets_name_an_undecodable_image(tmp_path, capsys):
         utils.run_cli(extract, argparse.Namespace())
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: cannot decode image {tmp_path}/val/class_a/zz_broken.jpg")
+
+
+def test_each_slurm_task_uses_its_own_gpu_when_it_sees_only_that_one(monkeypatch, fresh_process_group):
+    """srun --gpus-per-task=1 (or --gpu-bind): SLURM_LOCALID goes up to 7 while each task sees one GPU."""
+    fake_gpus(monkeypatch, 1)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name)
+    for name, value in (("SLURM_PROCID", "3"), ("SLURM_NTASKS", "4"), ("SLURM_LOCALID", "3"),
+                        ("MASTER_ADDR", "node1")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("SLURM_STEP_NUM_TASKS", raising=False)
+    calls = {}
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.setdefault("device", device))
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kw: calls.update(kw, backend=backend))
+    args = argparse.Namespace(dist_url="env://")
+    utils.init_distributed_mode(args)
+    assert calls == {"device": 0, "backend": "nccl", "init_method": "env://", "world_size": 4, "rank": 3}
+    assert (args.rank, args.world_size, args.gpu, str(args.device)) == (3, 4, 0, "cuda:0")
+    # a batch script itself (one process) sees SLURM_NTASKS=4 but its step has one task: no waiting for 3 more
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    calls.clear()
+    args = argparse.Namespace(dist_url="env://")
+    utils.init_distributed_mode(args)
+    assert args.world_size == 1 and calls["world_size"] == 1 and "init_method" not in calls  # a one-process group
+
+
+DIFFERENT_STARTS_SCRIPT = """
+import argparse, sys
+sys.path.insert(0, {repo!r})
+import patch_wise_dino as pwd, utils
+
+def main(args):
+    utils.init_distributed_mode(args)
+    start = pwd.ResumePoint(epoch=2 * args.rank, samples_done=0)  # as if each node read its own --output_dir
+    pwd.check_same_start(start, f"out{{args.rank}}/checkpoint.pth", args.device)
+
+utils.run_cli(main, argparse.Namespace(dist_url="env://"))
+"""
+
+
+def test_ranks_resuming_from_different_points_stop_and_every_rank_says_why(tmp_path):
+    """Every process reports its error (print is silenced on ranks > 0), prefixed with its rank."""
+    script = tmp_path / "different_starts.py"
+    script.write_text(DIFFERENT_STARTS_SCRIPT.format(repo=REPO))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], capture_output=True, text=True, timeout=300, env=SUBPROCESS_ENV)
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        assert f"error: [rank {rank}] the processes resume from different points (here: epoch {2 * rank}, sample " \
+               f"0 from out{rank}/checkpoint.pth; rank 0: epoch 0, sample 0): --output_dir must be one folder " \
+               f"that every node shares" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_killed_data_workers_stop_like_a_signal_and_are_reported():
+    """A data worker killed (e.g. by the out-of-memory killer) ends the iteration like a stop signal, so a
+    checkpoint can be written; other loader errors (a bad image) still propagate."""
+    def batches(error):
+        yield "batch 0"
+        raise error
+
+    stop = pwd.StopFlag()
+    killed = RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. \nmore details")
+    assert list(pwd.until_stopped(batches(killed), stop)) == ["batch 0", None]
+    assert stop.lost_workers == "DataLoader worker (pid 4242) is killed by signal: Killed." and stop.signum == 0
+    with pytest.raises(utils.UserError, match="cannot decode"):
+        list(pwd.until_stopped(batches(utils.UserError("cannot decode image x.jpg")), pwd.StopFlag()))
+
+
+def test_interrupted_checkpoint_writes_leave_nothing_behind_after_a_restart(tmp_path):
+    for name in (".checkpoint.pth.tmp1234", ".checkpoint.prev.pth.link99", ".checkpoint0040.pth.tmp7"):
+        (tmp_path / name).write_bytes(b"partial")
+    for name in ("checkpoint.pth", ".write_test", "notes.tmp1", ".other.pth.tmp12"):
+        (tmp_path / name).write_bytes(b"keep")
+    pwd.remove_stale_temporaries(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == [".other.pth.tmp12", ".write_test", "checkpoint.pth", "notes.tmp1"]
+
+
+def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pth"
+    utils.atomic_save({"epoch": 1}, str(path))
+
+    def disk_full(obj, f):  # what torch.save does when the write fails: a RuntimeError raised from the OSError
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(utils.UserError, match=r"could not write .*checkpoint.pth \(\[Errno 28\] No space left on "
+                                              r"device\): free some space"):
+        utils.atomic_save({"epoch": 2}, str(path))
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["checkpoint.pth"] and utils.load_checkpoint(str(path)) == {"epoch": 1}
+
+
+def test_progress_shows_small_learning_rates():
+    logger, _ = pwd.loggers_from(None)
+    logger.update(loss=1.0, lr=1.95e-06)
+    assert "lr: 1.950e-06" in str(logger)

@@ -31,6 +31,7 @@ OFFICIAL_WEIGHTS = {
     ("vit_base", 8): "dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth",
 }
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+SIXTEEN_BIT_I_FORMATS = ("PNG", "PPM")  # formats whose Pillow mode "I" holds at most 16 bits
 
 
 class UserError(Exception):
@@ -530,15 +531,18 @@ def open_image(path: str) -> Image.Image:
     """Decode an image file to 8-bit RGB; any failure is a ``UserError`` naming the file.
 
     Grayscale, palette, CMYK and alpha images are converted as torchvision's loader does (alpha is
-    dropped); 16-bit grayscale is scaled to 8 bits instead of clipped. Images over twice PIL's
+    dropped). 16-bit grayscale (Pillow modes ``I;16*``, and ``I`` from PNG or PGM/PPM, which hold at
+    most 16 bits) is scaled to 8 bits (65535 -> 255) whatever its pixel values, instead of clipped.
+    Other ``I`` images (32-bit integer TIFF) have no standard white level: their values are taken as
+    8-bit levels and clipped to 0..255, as torchvision's loader does. Images over twice PIL's
     ``Image.MAX_IMAGE_PIXELS`` (about 179 Mpixels) are refused as decompression bombs."""
     try:
         with Image.open(path) as img:
             img.load()
             if img.mode == "I" or img.mode.startswith("I;16"):
                 values = np.asarray(img, dtype=np.float64)  # (H, W) 16 or 32-bit integers
-                if img.mode != "I" or values.max() > 255:
-                    values = values / 257.0
+                if img.mode != "I" or img.format in SIXTEEN_BIT_I_FORMATS:
+                    values = values / 257.0  # 16 bits to 8: 65535 -> 255
                 return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8)).convert("RGB")
             if img.mode == "P" and "transparency" in img.info:
                 return img.convert("RGBA").convert("RGB")  # the palette colours, without PIL's warning

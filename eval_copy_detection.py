@@ -68,8 +68,7 @@ class ImageListDataset(torch.utils.data.Dataset):
 def find_blocks(data_path: str) -> Dict[str, List[str]]:
     """Sorted image paths of every Copydays block present under ``data_path``; ``original`` is required,
     missing query blocks are skipped with a note."""
-    if not os.path.isdir(data_path):
-        raise utils.UserError(f"--data_path {data_path} does not exist")
+    utils.require_folder(data_path)
     original = os.path.join(data_path, "original")
     if not os.path.isdir(original) or not utils.list_images(original):
         raise utils.UserError(f"no images in {original}: --data_path must hold Copydays' original/ (the database) "

@@ -251,12 +251,7 @@ def build_datasets(args: argparse.Namespace) -> tuple:
     transform = val_transform(args.resize_size, args.crop_size)
     dataset_train = utils.build_eval_dataset(args.data_path, "train", transform)
     dataset_val = utils.build_eval_dataset(args.data_path, "val", transform)
-    if list(dataset_train.classes) != list(dataset_val.classes):
-        raise utils.UserError(f"train and val hold different classes ({len(dataset_train.classes)} and "
-                              f"{len(dataset_val.classes)} class folders): both need the same class folders")
-    for name, dataset in (("train", dataset_train), ("val", dataset_val)):
-        if len(dataset) == 0:
-            raise utils.UserError(f"the {name} split of {args.data_path} holds no images")
+    utils.check_same_classes(dataset_train, dataset_val)
     print(f"Data loaded with {len(dataset_train)} train and {len(dataset_val)} val imgs.")
     return dataset_train, dataset_val
 

@@ -142,8 +142,6 @@ def build_loaders(args: argparse.Namespace) -> tuple:
     """(train loader or None with --evaluate, val loader, number of classes found)."""
     train_transform, val_transform = build_transforms(args.image_size, args.resize_size)
     dataset_val = utils.build_eval_dataset(args.data_path, "val", val_transform)
-    if len(dataset_val) == 0:
-        raise utils.UserError(f"the val split of {args.data_path} holds no images")
     rank, world_size = utils.get_rank(), utils.get_world_size()
     pin = args.device.type == "cuda"
     val_loader = torch.utils.data.DataLoader(  # every process takes its own share, no padding
@@ -152,11 +150,7 @@ def build_loaders(args: argparse.Namespace) -> tuple:
     train_loader = None
     if not args.evaluate:
         dataset_train = utils.build_eval_dataset(args.data_path, "train", train_transform)
-        if list(dataset_train.classes) != list(dataset_val.classes):
-            raise utils.UserError(f"train and val hold different classes ({len(dataset_train.classes)} and "
-                                  f"{len(dataset_val.classes)} class folders): both need the same class folders")
-        if len(dataset_train) == 0:
-            raise utils.UserError(f"the train split of {args.data_path} holds no images")
+        utils.check_same_classes(dataset_train, dataset_val)
         sampler = torch.utils.data.DistributedSampler(dataset_train, num_replicas=world_size, rank=rank,
                                                       shuffle=True, seed=args.seed)
         train_loader = torch.utils.data.DataLoader(dataset_train, sampler=sampler,

@@ -43,7 +43,6 @@ import cv2
 import numpy as np
 import torch
 from torch import nn
-from torchvision.datasets import ImageFolder
 
 import patch_matching
 import utils
@@ -58,7 +57,7 @@ EXP_FLOOR = -80.0
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 CHECKPOINT, PREVIOUS_CHECKPOINT = "checkpoint.pth", "checkpoint.prev.pth"
 MODEL_ARGS = ("arch", "patch_size", "out_dim", "use_bn_in_head", "norm_last_layer", "patch_loss", "optimizer")
-SPLIT_NAMES = {"train", "val", "test", "validation"}
+HELD_OUT_SPLITS = {"val", "valid", "validation", "test"}  # never trained on
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -118,7 +117,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="add the loss on matched patch tokens; false trains vanilla DINO ([CLS] only)")
     # Data, outputs, distribution
     parser.add_argument("--data_path", default=None, type=str,
-                        help="ImageFolder root, folder of images, or CIFAR-10 python folder (default: data/sample)")
+                        help="folder of images, read recursively (only its train/ when it has one), or CIFAR-10 python "
+                             "folder (default: data/sample)")
     parser.add_argument("--output_dir", default=".", type=str, help="where checkpoints and logs go")
     parser.add_argument("--saveckp_freq", default=20, type=int, help="keep checkpointNNNN.pth every this many epochs")
     parser.add_argument("--saveckp_iters", default=0, type=int,
@@ -192,22 +192,30 @@ class ImageList(torch.utils.data.Dataset):
 
 
 def build_image_source(data_path: str) -> torch.utils.data.Dataset:
-    """Items ``(PIL image, label)`` from CIFAR-10 python batches, an ImageFolder (class sub-folders;
-    ``train`` is used when the folder holds split folders) or a plain folder of images."""
-    if not os.path.isdir(data_path):
-        raise utils.UserError(f"--data_path {data_path} does not exist or is not a folder")
+    """Items ``(PIL image, label)``: CIFAR-10's train batches, else every image under ``data_path``
+    recursively (labels are not used). A ``train`` sub-folder, when there is one, is used alone, and
+    what is left out is printed; a held-out split folder (``val``, ``test``, Kaggle's ``val.X``) without
+    a ``train`` folder is refused. Hidden files and folders are skipped, as in evaluation."""
+    utils.require_folder(data_path)
     cifar = utils.find_cifar10(data_path)
     if cifar is not None:
         return utils.CIFAR10Python(cifar, train=True)
-    subdirs = sorted(e.name for e in os.scandir(data_path) if e.is_dir() and not e.name.startswith("."))
-    if "train" in subdirs and set(subdirs) <= SPLIT_NAMES:
-        print(f"{data_path} holds split folders: training on {os.path.join(data_path, 'train')}")
-        return build_image_source(os.path.join(data_path, "train"))
-    if subdirs:
-        dataset = ImageFolder(data_path, loader=utils.open_image, allow_empty=True)
-        if len(dataset):
-            return dataset
-    paths = utils.list_images(data_path)
+    subdirs = sorted(e.name for e in os.scandir(data_path) if e.is_dir() and not utils.is_hidden(e.name))
+    loose = len(utils.list_images(data_path))
+    if "train" in subdirs:
+        ignored = [f"{name}/" for name in subdirs if name != "train"] + ([f"{loose} images"] if loose else [])
+        data_path = os.path.join(data_path, "train")
+        print(f"Training on {data_path} only"
+              + (f" (ignored beside it: {utils.name_list(ignored)})" if ignored else ""))
+    else:
+        held_out = [name for name in subdirs if name.lower().split(".")[0] in HELD_OUT_SPLITS]
+        if held_out:
+            raise utils.UserError(f"{data_path} holds {utils.name_list(held_out)} (held-out data) and no train/ "
+                                  f"folder: pass the folder of training images as --data_path (Kaggle's "
+                                  f"ImageNet-100: merge train.X1..X4 into train/ first)")
+        if loose and subdirs:
+            print(f"{data_path} holds {loose} images beside {len(subdirs)} sub-folders: training on all of them")
+    paths = utils.list_images(data_path, recursive=True)
     if not paths:
         raise utils.UserError(f"no images found in --data_path {data_path}: expected class sub-folders of "
                               f"images, images directly inside, or CIFAR-10's cifar-10-batches-py")

@@ -31,6 +31,7 @@ OFFICIAL_WEIGHTS = {
     ("vit_base", 8): "dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth",
 }
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+SIXTEEN_BIT_I_FORMATS = ("PNG", "PPM")  # formats whose Pillow mode "I" holds at most 16 bits
 
 
 class UserError(Exception):
@@ -547,15 +548,18 @@ def open_image(path: str) -> Image.Image:
     """Decode an image file to 8-bit RGB; any failure is a ``UserError`` naming the file.
 
     Grayscale, palette, CMYK and alpha images are converted as torchvision's loader does (alpha is
-    dropped); 16-bit grayscale is scaled to 8 bits instead of clipped. Images over twice PIL's
+    dropped). 16-bit grayscale (Pillow modes ``I;16*``, and ``I`` from PNG or PGM/PPM, which hold at
+    most 16 bits) is scaled to 8 bits (65535 -> 255) whatever its pixel values, instead of clipped.
+    Other ``I`` images (32-bit integer TIFF) have no standard white level: their values are taken as
+    8-bit levels and clipped to 0..255, as torchvision's loader does. Images over twice PIL's
     ``Image.MAX_IMAGE_PIXELS`` (about 179 Mpixels) are refused as decompression bombs."""
     try:
         with Image.open(path) as img:
             img.load()
             if img.mode == "I" or img.mode.startswith("I;16"):
                 values = np.asarray(img, dtype=np.float64)  # (H, W) 16 or 32-bit integers
-                if img.mode != "I" or values.max() > 255:
-                    values = values / 257.0
+                if img.mode != "I" or img.format in SIXTEEN_BIT_I_FORMATS:
+                    values = values / 257.0  # 16 bits to 8: 65535 -> 255
                 return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8)).convert("RGB")
             if img.mode == "P" and "transparency" in img.info:
                 return img.convert("RGBA").convert("RGB")  # the palette colours, without PIL's warning
@@ -564,14 +568,45 @@ def open_image(path: str) -> Image.Image:
         raise UserError(f"cannot decode image {path}: {exc}") from None
 
 
+def is_hidden(name: str) -> bool:
+    """File and folder names starting with '.' are never data: macOS ``._*`` AppleDouble files,
+    ``.DS_Store``, ``.ipynb_checkpoints``, ``.git``."""
+    return name.startswith(".")
+
+
+def name_list(names: Sequence[str], limit: int = 5) -> str:
+    """``a, b, c`` for a message, with ``and N more`` past ``limit`` names."""
+    names = list(names)
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def require_folder(path: str, what: str = "--data_path") -> None:
+    """A ``UserError`` unless ``path`` is a folder; a file (an archive, say) is named as such."""
+    if os.path.isfile(path):
+        raise UserError(f"{what} {path} is a file, not a folder: extract the archive (if it is one) and pass "
+                        f"the extracted folder")
+    if not os.path.isdir(path):
+        raise UserError(f"{what} {path} does not exist")
+
+
 def list_images(folder: str, recursive: bool = False) -> list:
-    """Sorted paths of the image files in ``folder`` (and its sub-folders when ``recursive``)."""
-    if not os.path.isdir(folder):
-        raise UserError(f"image folder {folder} does not exist")
-    paths = []
-    for root, dirs, files in os.walk(folder):
-        dirs.sort()
-        paths += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+    """Sorted paths of the image files in ``folder`` (and its sub-folders when ``recursive``).
+
+    Hidden files and folders (``is_hidden``) are skipped. Linked sub-folders are followed, as
+    torchvision's ImageFolder does, but every real folder is listed once, so link cycles end."""
+    require_folder(folder, "image folder")
+    paths, seen = [], {os.path.realpath(folder)}
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        kept = []
+        for name in sorted(dirs):
+            real = os.path.realpath(os.path.join(root, name))
+            if not is_hidden(name) and real not in seen:
+                seen.add(real)
+                kept.append(name)
+        dirs[:] = kept
+        paths += [os.path.join(root, f) for f in sorted(files)
+                  if not is_hidden(f) and f.lower().endswith(IMAGE_EXTENSIONS)]
         if not recursive:
             break
     return paths
@@ -641,12 +676,46 @@ class CIFAR10Python(torch.utils.data.Dataset):
         return (self.transform(img) if self.transform else img), self.targets[index]
 
 
-def build_eval_dataset(data_path: str, split: str, transform: Optional[Callable]) -> torch.utils.data.Dataset:
-    """``data_path/<split>`` as an ImageFolder (one sub-folder per class), or CIFAR-10's python batches."""
-    from torchvision.datasets import ImageFolder
+class ClassFolders(torch.utils.data.Dataset):
+    """Items ``(image, class index)`` from one sub-folder per class, as torchvision's ``ImageFolder``
+    (same ``classes``, ``class_to_idx``, ``samples``, ``targets``), but with the file rules of training:
+    images listed by ``list_images`` (hidden names skipped, linked folders followed once). A class
+    folder may be empty (noted) as long as the split holds images; images beside the class folders
+    are noted and ignored."""
 
-    if not os.path.isdir(data_path):
-        raise UserError(f"--data_path {data_path} does not exist")
+    def __init__(self, root: str, transform: Optional[Callable] = None):
+        self.root, self.transform = root, transform
+        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not is_hidden(e.name))
+        loose = list_images(root)
+        if not self.classes:
+            if loose:
+                raise UserError(f"{root} holds {len(loose)} images but no class sub-folders: it needs one "
+                                f"sub-folder per class (sort ImageNet's val images into class folders first)")
+            raise UserError(f"{root} holds no class sub-folders: it needs one sub-folder of images per class")
+        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+        per_class = [list_images(os.path.join(root, name), recursive=True) for name in self.classes]
+        self.samples = [(path, i) for i, paths in enumerate(per_class) for path in paths]
+        self.targets = [label for _, label in self.samples]
+        if not self.samples:
+            raise UserError(f"{root} holds {len(self.classes)} class folders but no images")
+        empty = [name for name, paths in zip(self.classes, per_class) if not paths]
+        if empty:
+            print(f"Note: {root}: no images in the class folders {name_list(empty)} (kept as classes)")
+        if loose:
+            print(f"Note: {root}: ignored {len(loose)} images directly inside, outside the class folders")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        image = open_image(path)
+        return (self.transform(image) if self.transform else image), label
+
+
+def build_eval_dataset(data_path: str, split: str, transform: Optional[Callable]) -> torch.utils.data.Dataset:
+    """``data_path/<split>`` as ``ClassFolders`` (one sub-folder per class), or CIFAR-10's python batches."""
+    require_folder(data_path)
     cifar = find_cifar10(data_path)
     if cifar is not None:
         return CIFAR10Python(cifar, train=split == "train", transform=transform)
@@ -654,10 +723,19 @@ def build_eval_dataset(data_path: str, split: str, transform: Optional[Callable]
     if not os.path.isdir(root):
         raise UserError(f"{root} not found: --data_path must hold '{split}' with one sub-folder per class "
                         f"(ImageFolder layout), or CIFAR-10's cifar-10-batches-py")
-    try:
-        return ImageFolder(root, transform=transform, loader=open_image)
-    except FileNotFoundError as exc:
-        raise UserError(f"{root}: {exc}") from None
+    return ClassFolders(root, transform)
+
+
+def check_same_classes(train: torch.utils.data.Dataset, val: torch.utils.data.Dataset) -> None:
+    """A ``UserError`` naming the classes each split lacks when train and val class lists differ."""
+    train_classes, val_classes = list(train.classes), list(val.classes)
+    if train_classes == val_classes:
+        return
+    lacks = [f"{split} lacks: {name_list(missing)}" for split, missing in (
+        ("val", [name for name in train_classes if name not in set(val_classes)]),
+        ("train", [name for name in val_classes if name not in set(train_classes)])) if missing]
+    raise UserError(f"train and val hold different class folders ({'; '.join(lacks)}): both need the same "
+                    f"class folders")
 
 
 class ReturnIndexDataset(torch.utils.data.Dataset):

@@ -163,13 +163,14 @@ def test_checkpoint_of_another_architecture_is_a_one_line_error(image_data, flag
     assert_one_line_error(result, fragment, "--arch")
 
 
-def test_empty_class_folder_is_a_one_line_error(tmp_path, image_data):
-    _, _, checkpoint = image_data
+def test_empty_class_folder_is_kept_as_a_class(tmp_path, capsys):
     data = make_image_folder(str(tmp_path / "data"), {"train": (2, 2), "val": (1, 1)})
     os.makedirs(os.path.join(data, "train", "green"))
     os.makedirs(os.path.join(data, "val", "green"))
-    result = run_script("eval_knn.py", ["--data_path", data, "--pretrained_weights", checkpoint, *SMALL_ARGS])
-    assert_one_line_error(result, "green")
+    train, val = eval_knn.build_datasets(argparse.Namespace(data_path=data, resize_size=32, crop_size=32))
+    assert train.classes == val.classes == ["blue", "green", "red"]
+    assert train.targets == [0, 0, 2, 2] and val.targets == [0, 2]
+    assert "no images in the class folders green" in capsys.readouterr().out
 
 
 def test_resize_smaller_than_the_crop_is_refused(image_data):

@@ -297,7 +297,7 @@ def fake_gpus(monkeypatch, count):
 
 
 @pytest.mark.parametrize("case,needle", [
-    ("missing_data", "--data_path {tmp}/missing does not exist or is not a folder"),
+    ("missing_data", "--data_path {tmp}/missing does not exist"),
     ("empty_data", "no images found in --data_path {tmp}/empty"),
     ("unwritable_output", "--output_dir {tmp}/a_file/out is not a writable folder"),
     ("crop_not_multiple", "--global_size 36 is not a positive multiple of --patch_size 8"),

@@ -9,9 +9,11 @@ distributed feature extraction. Code with a single user stays in that user's scr
 import argparse
 import datetime
 import json
+import math
 import os
 import pickle
 import random
+import re
 import sys
 import time
 from collections import defaultdict, deque
@@ -399,22 +401,63 @@ def save_on_master(obj: Any, path: str) -> None:
         atomic_save(obj, path)
 
 
+class CheckpointRefused(UserError):
+    """A checkpoint file that is intact but holds objects ``weights_only`` loading does not allow."""
+
+
+def _numpy_safe_globals() -> list:
+    """What pickled numpy scalars need: ``scalar`` (under its numpy 2 and numpy 1 names), ``dtype`` and the
+    dtype classes (rebuilding a dtype checks its class)."""
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy 1
+        from numpy.core.multiarray import scalar
+    dtype_classes = [getattr(np.dtypes, name) for name in getattr(np.dtypes, "__all__", ())]
+    return [(scalar, "numpy._core.multiarray.scalar"), (scalar, "numpy.core.multiarray.scalar"), np.dtype,
+            *(cls for cls in dtype_classes if isinstance(cls, type))]
+
+
+# Refused globals that run code. Builtins appear in torch's message without "builtins.".
+_CODE_RUNNING_MODULES = ("os", "posix", "nt", "sys", "subprocess", "commands", "runpy", "importlib", "shutil")
+_CODE_RUNNING_BUILTINS = ("eval", "exec", "compile", "__import__", "getattr", "setattr", "open", "breakpoint")
+
+
+def _runs_code(name: str) -> bool:
+    module, _, attr = name.rpartition(".")
+    return module.split(".")[0] in _CODE_RUNNING_MODULES or (module in ("", "builtins")
+                                                              and attr in _CODE_RUNNING_BUILTINS)
+
+
 def load_checkpoint(path: str, map_location: Any = "cpu") -> Any:
-    """Load a checkpoint as untrusted input: ``weights_only=True`` (plus ``argparse.Namespace``, which
-    DINO checkpoints store as ``args``). Refused, corrupt or missing files raise ``UserError``."""
+    """Load a checkpoint as untrusted input: ``weights_only=True``, plus ``argparse.Namespace`` (DINO
+    checkpoints store ``args``) and numpy scalars (other codebases store e.g. a best accuracy as one).
+    A file holding other objects raises ``CheckpointRefused`` naming the first; missing, truncated or
+    corrupt files raise ``UserError``."""
+    if os.path.isdir(path):
+        inside = sorted(f for f in os.listdir(path) if f.endswith((".pth", ".pt", ".tar", ".ckpt")))
+        example = f" (e.g. {os.path.join(path, inside[0])})" if inside else ""
+        raise UserError(f"{path} is a folder, not a checkpoint: pass the checkpoint file inside it{example}")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace, *_numpy_safe_globals()]):
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # the unpickler raises KeyError, IndexError, ... on arbitrary bytes
-        boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        message = str(exc)
+        blocked = re.search(r"GLOBAL ([\w.]+)", message) if isinstance(exc, pickle.UnpicklingError) else None
+        if blocked and (_runs_code(blocked.group(1)) or "is blocked" in message):
+            raise CheckpointRefused(f"refused to load {path}: it contains objects other than tensors and plain "
+                                    f"containers, which could run code ({blocked.group(1)})") from None
+        if blocked:
+            raise CheckpointRefused(f"refused to load {path}: it contains {blocked.group(1)}, which weights_only "
+                                    f"loading does not allow; if you trust its source, load it with torch.load("
+                                    f"path, weights_only=False) and re-save just the weights, e.g. torch.save("
+                                    f"checkpoint['teacher'], 'teacher.pth')") from None
+        boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation",
+                       "(1) In PyTorch", "(2) Alternatively")
+        lines = [line.strip() for line in message.splitlines() if line.strip()]
         detail = next((line for line in lines if not line.startswith(boilerplate)), "").split(". ")[0]
         detail = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
-        if isinstance(exc, pickle.UnpicklingError) and "GLOBAL" in detail:
-            raise UserError(f"refused to load {path}: it contains objects other than tensors and plain "
-                            f"containers, which could run code ({detail})") from None
         raise UserError(f"{path} is not a readable checkpoint (truncated, corrupt, or not written by "
                         f"torch.save): {detail}") from None
 

@@ -516,13 +516,32 @@ def _describe_checkpoint_vit(state_dict: dict) -> str:
     return f"a ViT of width {weight.shape[0]} with patch size {weight.shape[-1]}"
 
 
+def _fit_pos_embed(state_dict: dict, expected: dict, source: str) -> dict:
+    """Resize ``pos_embed`` to the model's token grid when only the grid differs (same width and patch
+    size, e.g. weights trained at 384 px loaded into a 224 px model); otherwise leave it to be refused."""
+    pos, want = state_dict.get("pos_embed"), expected.get("pos_embed")
+    patch, want_patch = state_dict.get("patch_embed.proj.weight"), expected.get("patch_embed.proj.weight")
+    if not (torch.is_tensor(pos) and torch.is_tensor(want) and pos.ndim == 3 and pos.shape[0] == 1
+            and pos.shape[1:] != want.shape[1:] and pos.shape[2] == want.shape[2]
+            and torch.is_tensor(patch) and torch.is_tensor(want_patch) and patch.shape == want_patch.shape):
+        return state_dict
+    old, new = math.isqrt(pos.shape[1] - 1), math.isqrt(want.shape[1] - 1)
+    if old * old != pos.shape[1] - 1 or new * new != want.shape[1] - 1:
+        return state_dict
+    import vision_transformer as vits
+
+    print(f"Resized the position embeddings of {source} from a {old}x{old} to the model's {new}x{new} token grid")
+    return {**state_dict, "pos_embed": vits.resize_pos_embed(pos, (old, old), (new, new))}  # (1, 1+new*new, D)
+
+
 def load_pretrained_weights(model: nn.Module, pretrained_weights: Optional[str], checkpoint_key: Optional[str],
                             arch: str, patch_size: int, default_url: Optional[str] = None) -> None:
     """Load backbone weights into ``model``.
 
     From a file: take ``checkpoint_key`` (e.g. ``teacher``) when present, strip ``module.`` and
-    ``backbone.``, refuse weights of another architecture or patch size, load with ``strict=False`` and
-    report what did not match. With no file: download the official DINO weights for ``arch``/
+    ``backbone.``, resize position embeddings of another token grid (trained at another resolution),
+    refuse weights of another architecture or patch size and NaN/inf weights (a diverged run), load with
+    ``strict=False`` and report what did not match. With no file: download the official DINO weights for ``arch``/
     ``patch_size`` (or ``default_url``); offline this is a ``UserError`` telling to pass a file.
     """
     if pretrained_weights:
@@ -553,12 +572,19 @@ def load_pretrained_weights(model: nn.Module, pretrained_weights: Optional[str],
         raise UserError(f"{source} does not hold a state dict")
     state_dict = _strip_prefixes(state_dict)
     expected = model.state_dict()
+    state_dict = _fit_pos_embed(state_dict, expected, source)
     for key, value in state_dict.items():
         if key in expected and torch.is_tensor(value) and value.shape != expected[key].shape:
             raise UserError(f"{source} holds {_describe_checkpoint_vit(state_dict)}, which does not fit "
                             f"{arch}/{patch_size} ({key}: {tuple(value.shape)} in the file, "
                             f"{tuple(expected[key].shape)} in the model): pass the --arch and --patch_size "
                             f"it was trained with")
+    non_finite = [key for key, value in state_dict.items() if key in expected and torch.is_tensor(value)
+                  and value.is_floating_point() and not torch.isfinite(value).all()]
+    if non_finite:
+        names = ", ".join(non_finite[:3]) + (", ..." if len(non_finite) > 3 else "")
+        raise UserError(f"{source} holds NaN or inf values in {len(non_finite)} tensors ({names}), as a diverged "
+                        f"run leaves them: pass another checkpoint or another --checkpoint_key")
     msg = model.load_state_dict(state_dict, strict=False)
     if len(msg.missing_keys) == len(expected):
         raise UserError(f"{source} has no weights for {arch}: none of its keys match the model "

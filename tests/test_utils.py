@@ -167,6 +167,44 @@ def test_checkpoint_of_another_patch_size_or_arch_is_refused(tmp_path):
         utils.load_pretrained_weights(utils.build_backbone("vit_tiny", 8), str(path), "nope", "vit_tiny", 8)
 
 
+def test_position_embeddings_of_another_grid_are_resized(tmp_path, capsys):
+    """A ViT trained at 384 px (e.g. timm's vit_tiny/16 at 384: pos_embed (1, 577, 192)) fits vit_tiny/16."""
+    source = utils.build_backbone("vit_tiny", 16, img_size=384)
+    path = tmp_path / "vit_tiny_384.pth"
+    torch.save(source.state_dict(), path)
+    target = utils.build_backbone("vit_tiny", 16)
+    utils.load_pretrained_weights(target, str(path), "teacher", "vit_tiny", 16)
+    expected = vits.resize_pos_embed(source.pos_embed.detach(), (24, 24), (14, 14))  # (1, 197, 192)
+    torch.testing.assert_close(target.pos_embed.detach(), expected)
+    torch.testing.assert_close(target.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+    assert f"Resized the position embeddings of {path} from a 24x24 to the model's 14x14 token grid" in \
+        capsys.readouterr().out
+
+
+def test_non_finite_weights_are_refused(tmp_path):
+    source = utils.build_backbone("vit_tiny", 16)
+    state_dict = source.state_dict()
+    state_dict["blocks.1.norm1.weight"][3] = float("nan")
+    state_dict["blocks.2.mlp.fc1.bias"][0] = float("inf")
+    path = tmp_path / "diverged.pth"
+    torch.save({"teacher": state_dict}, path)
+    target = utils.build_backbone("vit_tiny", 16)
+    before = target.state_dict()["blocks.1.norm1.weight"].clone()
+    expected = r"holds NaN or inf values in 2 tensors \(blocks.1.norm1.weight, blocks.2.mlp.fc1.bias\).*another " \
+               r"checkpoint or another --checkpoint_key"
+    with pytest.raises(utils.UserError, match=expected):
+        utils.load_pretrained_weights(target, str(path), "teacher", "vit_tiny", 16)
+    torch.testing.assert_close(target.state_dict()["blocks.1.norm1.weight"], before)  # nothing loaded
+
+
+def test_diverged_student_of_the_eval_fixture_is_refused(tmp_path):
+    """The eval tests' checkpoint has a NaN student: evaluating that key is an error, the teacher loads."""
+    path = write_dino_checkpoint(str(tmp_path / "checkpoint.pth"))
+    with pytest.raises(utils.UserError, match=r"in \d+ tensors \(cls_token, pos_embed, .*, \.\.\.\)"):
+        utils.load_pretrained_weights(utils.build_backbone("vit_tiny", 16), path, "student", "vit_tiny", 16)
+    utils.load_pretrained_weights(utils.build_backbone("vit_tiny", 16), path, "teacher", "vit_tiny", 16)
+
+
 def test_unknown_arch_lists_choices():
     with pytest.raises(utils.UserError, match="vit_small"):
         utils.build_backbone("resnet9000", 16)

@@ -9,9 +9,11 @@ distributed feature extraction. Code with a single user stays in that user's scr
 import argparse
 import datetime
 import json
+import math
 import os
 import pickle
 import random
+import re
 import sys
 import time
 from collections import defaultdict, deque
@@ -417,22 +419,63 @@ def save_on_master(obj: Any, path: str) -> None:
         atomic_save(obj, path)
 
 
+class CheckpointRefused(UserError):
+    """A checkpoint file that is intact but holds objects ``weights_only`` loading does not allow."""
+
+
+def _numpy_safe_globals() -> list:
+    """What pickled numpy scalars need: ``scalar`` (under its numpy 2 and numpy 1 names), ``dtype`` and the
+    dtype classes (rebuilding a dtype checks its class)."""
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy 1
+        from numpy.core.multiarray import scalar
+    dtype_classes = [getattr(np.dtypes, name) for name in getattr(np.dtypes, "__all__", ())]
+    return [(scalar, "numpy._core.multiarray.scalar"), (scalar, "numpy.core.multiarray.scalar"), np.dtype,
+            *(cls for cls in dtype_classes if isinstance(cls, type))]
+
+
+# Refused globals that run code. Builtins appear in torch's message without "builtins.".
+_CODE_RUNNING_MODULES = ("os", "posix", "nt", "sys", "subprocess", "commands", "runpy", "importlib", "shutil")
+_CODE_RUNNING_BUILTINS = ("eval", "exec", "compile", "__import__", "getattr", "setattr", "open", "breakpoint")
+
+
+def _runs_code(name: str) -> bool:
+    module, _, attr = name.rpartition(".")
+    return module.split(".")[0] in _CODE_RUNNING_MODULES or (module in ("", "builtins")
+                                                              and attr in _CODE_RUNNING_BUILTINS)
+
+
 def load_checkpoint(path: str, map_location: Any = "cpu") -> Any:
-    """Load a checkpoint as untrusted input: ``weights_only=True`` (plus ``argparse.Namespace``, which
-    DINO checkpoints store as ``args``). Refused, corrupt or missing files raise ``UserError``."""
+    """Load a checkpoint as untrusted input: ``weights_only=True``, plus ``argparse.Namespace`` (DINO
+    checkpoints store ``args``) and numpy scalars (other codebases store e.g. a best accuracy as one).
+    A file holding other objects raises ``CheckpointRefused`` naming the first; missing, truncated or
+    corrupt files raise ``UserError``."""
+    if os.path.isdir(path):
+        inside = sorted(f for f in os.listdir(path) if f.endswith((".pth", ".pt", ".tar", ".ckpt")))
+        example = f" (e.g. {os.path.join(path, inside[0])})" if inside else ""
+        raise UserError(f"{path} is a folder, not a checkpoint: pass the checkpoint file inside it{example}")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace, *_numpy_safe_globals()]):
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # the unpickler raises KeyError, IndexError, ... on arbitrary bytes
-        boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        message = str(exc)
+        blocked = re.search(r"GLOBAL ([\w.]+)", message) if isinstance(exc, pickle.UnpicklingError) else None
+        if blocked and (_runs_code(blocked.group(1)) or "is blocked" in message):
+            raise CheckpointRefused(f"refused to load {path}: it contains objects other than tensors and plain "
+                                    f"containers, which could run code ({blocked.group(1)})") from None
+        if blocked:
+            raise CheckpointRefused(f"refused to load {path}: it contains {blocked.group(1)}, which weights_only "
+                                    f"loading does not allow; if you trust its source, load it with torch.load("
+                                    f"path, weights_only=False) and re-save just the weights, e.g. torch.save("
+                                    f"checkpoint['teacher'], 'teacher.pth')") from None
+        boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation",
+                       "(1) In PyTorch", "(2) Alternatively")
+        lines = [line.strip() for line in message.splitlines() if line.strip()]
         detail = next((line for line in lines if not line.startswith(boilerplate)), "").split(". ")[0]
         detail = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
-        if isinstance(exc, pickle.UnpicklingError) and "GLOBAL" in detail:
-            raise UserError(f"refused to load {path}: it contains objects other than tensors and plain "
-                            f"containers, which could run code ({detail})") from None
         raise UserError(f"{path} is not a readable checkpoint (truncated, corrupt, or not written by "
                         f"torch.save): {detail}") from None
 
@@ -491,13 +534,32 @@ def _describe_checkpoint_vit(state_dict: dict) -> str:
     return f"a ViT of width {weight.shape[0]} with patch size {weight.shape[-1]}"
 
 
+def _fit_pos_embed(state_dict: dict, expected: dict, source: str) -> dict:
+    """Resize ``pos_embed`` to the model's token grid when only the grid differs (same width and patch
+    size, e.g. weights trained at 384 px loaded into a 224 px model); otherwise leave it to be refused."""
+    pos, want = state_dict.get("pos_embed"), expected.get("pos_embed")
+    patch, want_patch = state_dict.get("patch_embed.proj.weight"), expected.get("patch_embed.proj.weight")
+    if not (torch.is_tensor(pos) and torch.is_tensor(want) and pos.ndim == 3 and pos.shape[0] == 1
+            and pos.shape[1:] != want.shape[1:] and pos.shape[2] == want.shape[2]
+            and torch.is_tensor(patch) and torch.is_tensor(want_patch) and patch.shape == want_patch.shape):
+        return state_dict
+    old, new = math.isqrt(pos.shape[1] - 1), math.isqrt(want.shape[1] - 1)
+    if old * old != pos.shape[1] - 1 or new * new != want.shape[1] - 1:
+        return state_dict
+    import vision_transformer as vits
+
+    print(f"Resized the position embeddings of {source} from a {old}x{old} to the model's {new}x{new} token grid")
+    return {**state_dict, "pos_embed": vits.resize_pos_embed(pos, (old, old), (new, new))}  # (1, 1+new*new, D)
+
+
 def load_pretrained_weights(model: nn.Module, pretrained_weights: Optional[str], checkpoint_key: Optional[str],
                             arch: str, patch_size: int, default_url: Optional[str] = None) -> None:
     """Load backbone weights into ``model``.
 
     From a file: take ``checkpoint_key`` (e.g. ``teacher``) when present, strip ``module.`` and
-    ``backbone.``, refuse weights of another architecture or patch size, load with ``strict=False`` and
-    report what did not match. With no file: download the official DINO weights for ``arch``/
+    ``backbone.``, resize position embeddings of another token grid (trained at another resolution),
+    refuse weights of another architecture or patch size and NaN/inf weights (a diverged run), load with
+    ``strict=False`` and report what did not match. With no file: download the official DINO weights for ``arch``/
     ``patch_size`` (or ``default_url``); offline this is a ``UserError`` telling to pass a file.
     """
     if pretrained_weights:
@@ -528,12 +590,19 @@ def load_pretrained_weights(model: nn.Module, pretrained_weights: Optional[str],
         raise UserError(f"{source} does not hold a state dict")
     state_dict = _strip_prefixes(state_dict)
     expected = model.state_dict()
+    state_dict = _fit_pos_embed(state_dict, expected, source)
     for key, value in state_dict.items():
         if key in expected and torch.is_tensor(value) and value.shape != expected[key].shape:
             raise UserError(f"{source} holds {_describe_checkpoint_vit(state_dict)}, which does not fit "
                             f"{arch}/{patch_size} ({key}: {tuple(value.shape)} in the file, "
                             f"{tuple(expected[key].shape)} in the model): pass the --arch and --patch_size "
                             f"it was trained with")
+    non_finite = [key for key, value in state_dict.items() if key in expected and torch.is_tensor(value)
+                  and value.is_floating_point() and not torch.isfinite(value).all()]
+    if non_finite:
+        names = ", ".join(non_finite[:3]) + (", ..." if len(non_finite) > 3 else "")
+        raise UserError(f"{source} holds NaN or inf values in {len(non_finite)} tensors ({names}), as a diverged "
+                        f"run leaves them: pass another checkpoint or another --checkpoint_key")
     msg = model.load_state_dict(state_dict, strict=False)
     if len(msg.missing_keys) == len(expected):
         raise UserError(f"{source} has no weights for {arch}: none of its keys match the model "

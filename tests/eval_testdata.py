@@ -34,7 +34,7 @@ def make_image_folder(root: str, counts: Dict[str, Sequence[int]], size: int = 3
 
 def write_dino_checkpoint(path: str, arch: str = "vit_tiny", patch_size: int = 16, seed: int = 0) -> str:
     """A checkpoint in the DINO training layout whose teacher is a random ViT and whose student is NaN,
-    so that evaluating the wrong key cannot separate anything."""
+    so that evaluating the wrong key is refused (non-finite weights) instead of giving numbers."""
     import vision_transformer as vits
 
     torch.manual_seed(seed)

@@ -1,6 +1,7 @@
 """Shared helpers: untrusted-file loading, DINO checkpoint layouts, schedules, clipping, datasets."""
 import argparse
 import os
+import pathlib
 import pickle
 import subprocess
 import sys
@@ -10,6 +11,8 @@ import pytest
 import torch
 
 import utils
+import vision_transformer as vits
+from eval_testdata import write_dino_checkpoint
 from vision_transformer import DINOHead
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,9 +71,41 @@ def test_checkpoint_that_runs_code_is_refused(tmp_path, runs_code):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
     torch.save({"teacher": runs_code(marker)}, path)
-    with pytest.raises(utils.UserError, match="refused"):
+    with pytest.raises(utils.UserError, match="refused.*could run code .*system") as info:
         utils.load_checkpoint(str(path))
     assert not marker.exists()
+    assert "\n" not in str(info.value) and "weights_only=False" not in str(info.value)
+
+
+def test_checkpoint_with_numpy_scalars_loads(tmp_path):
+    """Other DINO codebases store numpy scalars (a best accuracy, an epoch) next to the weights."""
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"teacher": {"w": torch.ones(2)}, "best_acc": np.float64(71.5), "epoch": np.int64(3),
+                "args": argparse.Namespace(lr=np.float32(0.5), flag=np.bool_(True))}, path)
+    allowed = torch.serialization.get_safe_globals()
+    loaded = utils.load_checkpoint(str(path))
+    assert loaded["best_acc"] == 71.5 and isinstance(loaded["best_acc"], np.float64) and loaded["epoch"] == 3
+    assert loaded["args"].lr == np.float32(0.5) and loaded["args"].flag
+    assert torch.serialization.get_safe_globals() == allowed  # numpy is allowed while loading only
+
+
+def test_checkpoint_with_other_objects_is_refused_naming_them(tmp_path):
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"teacher": {"w": torch.ones(2)}, "args": argparse.Namespace(output_dir=pathlib.PosixPath("/x"))},
+               path)
+    with pytest.raises(utils.UserError, match=r"refused to load .*checkpoint.pth: it contains pathlib.PosixPath, "
+                                              r"which weights_only loading does not allow.*re-save") as info:
+        utils.load_checkpoint(str(path))
+    assert "\n" not in str(info.value) and "not a readable" not in str(info.value)
+    assert isinstance(info.value, utils.CheckpointRefused)
+
+
+def test_folder_given_as_checkpoint_says_so(tmp_path):
+    with pytest.raises(utils.UserError, match=f"{tmp_path} is a folder.*checkpoint file inside it"):
+        utils.load_checkpoint(str(tmp_path))
+    torch.save({"w": torch.ones(1)}, tmp_path / "checkpoint.pth")
+    with pytest.raises(utils.UserError, match=f"{tmp_path} is a folder.*e.g. {tmp_path}/checkpoint.pth"):
+        utils.load_pretrained_weights(utils.build_backbone("vit_tiny", 16), str(tmp_path), "teacher", "vit_tiny", 16)
 
 
 def test_truncated_checkpoint_is_a_clear_error(tmp_path):
@@ -130,6 +165,44 @@ def test_checkpoint_of_another_patch_size_or_arch_is_refused(tmp_path):
         utils.load_pretrained_weights(utils.build_backbone("vit_small", 8), str(path), "teacher", "vit_small", 8)
     with pytest.raises(utils.UserError, match="checkpoint_key"):
         utils.load_pretrained_weights(utils.build_backbone("vit_tiny", 8), str(path), "nope", "vit_tiny", 8)
+
+
+def test_position_embeddings_of_another_grid_are_resized(tmp_path, capsys):
+    """A ViT trained at 384 px (e.g. timm's vit_tiny/16 at 384: pos_embed (1, 577, 192)) fits vit_tiny/16."""
+    source = utils.build_backbone("vit_tiny", 16, img_size=384)
+    path = tmp_path / "vit_tiny_384.pth"
+    torch.save(source.state_dict(), path)
+    target = utils.build_backbone("vit_tiny", 16)
+    utils.load_pretrained_weights(target, str(path), "teacher", "vit_tiny", 16)
+    expected = vits.resize_pos_embed(source.pos_embed.detach(), (24, 24), (14, 14))  # (1, 197, 192)
+    torch.testing.assert_close(target.pos_embed.detach(), expected)
+    torch.testing.assert_close(target.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+    assert f"Resized the position embeddings of {path} from a 24x24 to the model's 14x14 token grid" in \
+        capsys.readouterr().out
+
+
+def test_non_finite_weights_are_refused(tmp_path):
+    source = utils.build_backbone("vit_tiny", 16)
+    state_dict = source.state_dict()
+    state_dict["blocks.1.norm1.weight"][3] = float("nan")
+    state_dict["blocks.2.mlp.fc1.bias"][0] = float("inf")
+    path = tmp_path / "diverged.pth"
+    torch.save({"teacher": state_dict}, path)
+    target = utils.build_backbone("vit_tiny", 16)
+    before = target.state_dict()["blocks.1.norm1.weight"].clone()
+    expected = r"holds NaN or inf values in 2 tensors \(blocks.1.norm1.weight, blocks.2.mlp.fc1.bias\).*another " \
+               r"checkpoint or another --checkpoint_key"
+    with pytest.raises(utils.UserError, match=expected):
+        utils.load_pretrained_weights(target, str(path), "teacher", "vit_tiny", 16)
+    torch.testing.assert_close(target.state_dict()["blocks.1.norm1.weight"], before)  # nothing loaded
+
+
+def test_diverged_student_of_the_eval_fixture_is_refused(tmp_path):
+    """The eval tests' checkpoint has a NaN student: evaluating that key is an error, the teacher loads."""
+    path = write_dino_checkpoint(str(tmp_path / "checkpoint.pth"))
+    with pytest.raises(utils.UserError, match=r"in \d+ tensors \(cls_token, pos_embed, .*, \.\.\.\)"):
+        utils.load_pretrained_weights(utils.build_backbone("vit_tiny", 16), path, "student", "vit_tiny", 16)
+    utils.load_pretrained_weights(utils.build_backbone("vit_tiny", 16), path, "teacher", "vit_tiny", 16)
 
 
 def test_unknown_arch_lists_choices():

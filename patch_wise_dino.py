@@ -959,9 +959,10 @@ def save_checkpoint(args: argparse.Namespace, state: TrainState, epoch: int, pro
 def load_run_checkpoint(args: argparse.Namespace) -> tuple:
     """``(checkpoint, path)`` of the run in ``output_dir`` to continue, or ``(None, "")`` for a new run.
 
-    When ``checkpoint.pth`` cannot be read (truncated, corrupt, refused as unsafe), ``checkpoint.prev.pth``
-    is used with a warning and the bad file is moved to ``checkpoint.pth.corrupt``; when neither can be
-    read the run stops rather than start over. A checkpoint of another model is refused (``MODEL_ARGS``)."""
+    When ``checkpoint.pth`` cannot be read (truncated, corrupt), ``checkpoint.prev.pth`` is used with a
+    warning and the bad file is moved to ``checkpoint.pth.corrupt``; when neither can be read the run stops
+    rather than start over. A checkpoint refused as unsafe stops the run (it is intact: falling back would
+    lose its progress). A checkpoint of another model is refused (``MODEL_ARGS``)."""
     path, previous = (os.path.join(args.output_dir, name) for name in (CHECKPOINT, PREVIOUS_CHECKPOINT))
     problems = []
     for candidate in (path, previous):
@@ -969,6 +970,8 @@ def load_run_checkpoint(args: argparse.Namespace) -> tuple:
             continue
         try:
             checkpoint = utils.load_checkpoint(candidate)
+        except utils.CheckpointRefused:
+            raise
         except utils.UserError as exc:
             problems.append(str(exc))
             continue

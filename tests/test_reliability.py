@@ -7,6 +7,7 @@ import argparse
 import builtins
 import json
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
@@ -145,6 +146,21 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path, fresh_process_group
     with pytest.raises(utils.UserError, match="refused to load .*checkpoint.pth: it contains objects other than"):
         pwd.main(parse(TINY + ["--data_path", str(tmp_path / "data"), "--output_dir", str(out)]))
     assert not (tmp_path / "pwned").exists()
+
+
+def test_an_intact_but_refused_checkpoint_stops_the_run_instead_of_falling_back(tmp_path, straight,
+                                                                              fresh_process_group):
+    """Falling back to checkpoint.prev.pth would silently lose an epoch and call an intact file corrupt."""
+    argv, straight_out = straight
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(straight_out / "checkpoint.pth", out / "checkpoint.prev.pth")
+    checkpoint = utils.load_checkpoint(str(straight_out / "checkpoint.pth"))
+    checkpoint["args"].output_dir = pathlib.PurePosixPath(out)  # an object weights_only loading refuses
+    torch.save(checkpoint, out / "checkpoint.pth")
+    with pytest.raises(utils.CheckpointRefused, match="refused to load .*checkpoint.pth: it contains pathlib"):
+        pwd.main(parse(argv + ["--output_dir", str(out), "--epochs", "3"]))
+    assert sorted(os.listdir(out)) == ["checkpoint.prev.pth", "checkpoint.pth"]
 
 
 def test_resuming_another_model_is_refused_naming_the_difference(tmp_path, straight, fresh_process_group):

@@ -25,6 +25,8 @@ import torch.distributed as dist
 from PIL import Image
 from torch import nn
 
+import vision_transformer as vits
+
 DINO_URL = "https://dl.fbaipublicfiles.com/dino/"
 OFFICIAL_WEIGHTS = {
     ("vit_small", 16): "dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth",
@@ -508,8 +510,6 @@ def restart_from_checkpoint(ckp_path: str, run_variables: Optional[dict] = None,
 # ----------------------------------------------------------------------------------------------------
 def build_backbone(arch: str, patch_size: int, **kwargs: Any) -> nn.Module:
     """A ViT from its name (``vit_tiny``, ``vit_small``, ``vit_base``) with the given patch size."""
-    import vision_transformer as vits
-
     if arch not in vits.VIT_ARCHS:
         raise UserError(f"unknown --arch {arch!r}: choose one of {', '.join(vits.VIT_ARCHS)}")
     if patch_size <= 0:
@@ -546,8 +546,6 @@ def _fit_pos_embed(state_dict: dict, expected: dict, source: str) -> dict:
     old, new = math.isqrt(pos.shape[1] - 1), math.isqrt(want.shape[1] - 1)
     if old * old != pos.shape[1] - 1 or new * new != want.shape[1] - 1:
         return state_dict
-    import vision_transformer as vits
-
     print(f"Resized the position embeddings of {source} from a {old}x{old} to the model's {new}x{new} token grid")
     return {**state_dict, "pos_embed": vits.resize_pos_embed(pos, (old, old), (new, new))}  # (1, 1+new*new, D)
 

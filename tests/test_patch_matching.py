@@ -154,8 +154,9 @@ def test_sizes_not_multiple_of_patch_size():
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
+    """The repository's scripts and test.png in a fresh folder: the demo reads and writes relative paths."""
     folder = tmp_path_factory.mktemp("demo")
-    for name in ("patch_matching.py", "transforms.py", "utils.py", "test.png"):
+    for name in [f for f in os.listdir(REPO) if f.endswith(".py")] + ["test.png"]:
         shutil.copy(os.path.join(REPO, name), folder / name)
     return folder
 

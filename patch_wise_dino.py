@@ -193,25 +193,28 @@ class ImageList(torch.utils.data.Dataset):
 
 def build_image_source(data_path: str) -> torch.utils.data.Dataset:
     """Items ``(PIL image, label)``: CIFAR-10's train batches, else every image under ``data_path``
-    recursively (labels are not used). A ``train`` sub-folder, when there is one, is used alone, and
-    what is left out is printed; a held-out split folder (``val``, ``test``, Kaggle's ``val.X``) without
-    a ``train`` folder is refused. Hidden files and folders are skipped, as in evaluation."""
+    recursively (labels are not used). When the sub-folders are splits (``train`` beside ``val``, ``test``,
+    ...), ``train`` is used alone and what is left out is printed; a held-out split folder (``val``,
+    ``test``, Kaggle's ``val.X``) beside anything else is refused, since it would be trained on. A class
+    folder that happens to be called ``train`` among other classes is just a class. Hidden files and
+    folders are skipped, as in evaluation."""
     utils.require_folder(data_path)
     cifar = utils.find_cifar10(data_path)
     if cifar is not None:
         return utils.CIFAR10Python(cifar, train=True)
     subdirs = sorted(e.name for e in os.scandir(data_path) if e.is_dir() and not utils.is_hidden(e.name))
     loose = len(utils.list_images(data_path))
-    if "train" in subdirs:
+    split_of = {name: name.lower().split(".")[0] for name in subdirs}  # val.X -> val
+    held_out = [name for name in subdirs if split_of[name] in HELD_OUT_SPLITS]
+    if "train" in subdirs and all(split in HELD_OUT_SPLITS | {"train"} for split in split_of.values()):
         ignored = [f"{name}/" for name in subdirs if name != "train"] + ([f"{loose} images"] if loose else [])
         data_path = os.path.join(data_path, "train")
         print(f"Training on {data_path} only"
               + (f" (ignored beside it: {utils.name_list(ignored)})" if ignored else ""))
     else:
-        held_out = [name for name in subdirs if name.lower().split(".")[0] in HELD_OUT_SPLITS]
         if held_out:
-            raise utils.UserError(f"{data_path} holds {utils.name_list(held_out)} (held-out data) and no train/ "
-                                  f"folder: pass the folder of training images as --data_path (Kaggle's "
+            raise utils.UserError(f"{data_path} holds {utils.name_list(held_out)} (held-out data) beside other "
+                                  f"folders: pass the folder of training images as --data_path (Kaggle's "
                                   f"ImageNet-100: merge train.X1..X4 into train/ first)")
         if loose and subdirs:
             print(f"{data_path} holds {loose} images beside {len(subdirs)} sub-folders: training on all of them")

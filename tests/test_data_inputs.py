@@ -57,13 +57,27 @@ def test_linked_folders_are_followed_once_and_cycles_end(tmp_path):
 
 
 def test_training_uses_only_train_and_says_what_it_ignored(tmp_path, capsys):
-    for folder in ("train/a", "val/a", "extra"):
+    for folder in ("train/a", "val/a", "test"):
         write_image(str(tmp_path / folder / "1.jpg"))
     write_image(str(tmp_path / "loose.jpg"))
     source = pwd.build_image_source(str(tmp_path))
     assert names(source.paths, tmp_path) == ["train/a/1.jpg"]
     out = capsys.readouterr().out
-    assert f"Training on {tmp_path / 'train'} only (ignored beside it: extra/, val/, 1 images)" in out
+    assert f"Training on {tmp_path / 'train'} only (ignored beside it: test/, val/, 1 images)" in out
+
+
+def test_a_class_called_train_is_just_a_class(tmp_path):
+    """CIFAR-100 or PASCAL VOC exported as class folders have a class named "train"."""
+    for folder in ("apple", "bus", "train", "tulip"):
+        write_image(str(tmp_path / folder / "1.jpg"))
+    assert len(pwd.build_image_source(str(tmp_path)).paths) == 4
+
+
+def test_training_refuses_held_out_data_beside_other_folders(tmp_path):
+    for folder in ("train/a", "val/a", "extra"):  # is extra/ a split or a class? val/ must not be trained on
+        write_image(str(tmp_path / folder / "1.jpg"))
+    with pytest.raises(utils.UserError, match=r"holds val \(held-out data\) beside other folders"):
+        pwd.build_image_source(str(tmp_path))
 
 
 def test_training_takes_images_beside_sub_folders_too(tmp_path, capsys):
@@ -76,7 +90,7 @@ def test_training_takes_images_beside_sub_folders_too(tmp_path, capsys):
 def test_training_refuses_a_held_out_split_without_train(tmp_path):
     for folder in ("train.X1/a", "train.X2/b", "val.X/a"):  # Kaggle's ImageNet-100
         write_image(str(tmp_path / folder / "1.jpg"))
-    with pytest.raises(utils.UserError, match=r"holds val\.X \(held-out data\) and no train/ folder: pass"):
+    with pytest.raises(utils.UserError, match=r"holds val\.X \(held-out data\) beside other folders: pass"):
         pwd.build_image_source(str(tmp_path))
 
 

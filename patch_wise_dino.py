@@ -857,13 +857,10 @@ def epoch_seed(seed: int, epoch: int, rank: int, samples_done: int = 0) -> int:
 # ----------------------------------------------------------------------------------------------------
 class StopFlag:
     """While active (``with``), SIGTERM and SIGINT only record the signal in ``signum``; the training loop
-    checks it after each iteration, all processes agree, and they stop together after a checkpoint.
-    ``lost_workers`` says why this process's data workers died without a signal (killed, e.g. out of memory):
-    training stops the same way, then reports it."""
+    checks it after each iteration, all processes agree, and they stop together after a checkpoint."""
 
     def __init__(self):
         self.signum = 0
-        self.lost_workers = ""
         self._previous: dict = {}
 
     def _record(self, signum: int, frame) -> None:
@@ -1105,10 +1102,6 @@ def train_one_epoch(state: TrainState, loader: torch.utils.data.DataLoader, sche
     for it, item in enumerate(progress, start=first):
         if sum_over_processes(int(item is None or control.stop.signum != 0), args.device):
             checkpoint_after(it)
-            if control.stop.lost_workers:
-                raise utils.UserError(f"{control.stop.lost_workers} (out of memory?): checkpoint saved to "
-                                      f"{control.last_checkpoint}; lower --num_workers and run the same command "
-                                      f"to continue")
             report_stop(control, f"epoch {epoch}, iteration {it} of {total}")
             return None
         batch, skipped = item
@@ -1138,26 +1131,23 @@ def train_one_epoch(state: TrainState, loader: torch.utils.data.DataLoader, sche
 
 
 def until_stopped(batches, stop: StopFlag):
-    """The items of ``batches``, then None in place of an error if a stop signal has arrived or the data
-    workers were killed (the iteration cannot be fetched, but a checkpoint can be written)."""
+    """The items of ``batches``, then None in place of an error if a stop signal has arrived (data workers
+    that got the signal too are gone: the iteration cannot be fetched, but a checkpoint can be written)."""
     while True:
         try:
             item = next(batches)
         except StopIteration:
             return
-        except Exception as exc:
+        except Exception:
             if not stop.signum:
-                if "DataLoader worker (pid" not in str(exc):
-                    raise
-                stop.lost_workers = str(exc).strip().splitlines()[0].strip()
+                raise
             yield None
             return
         yield item
 
 
 def report_stop(control: RunControl, where: str) -> None:
-    name = signal.Signals(control.stop.signum).name if control.stop.signum else \
-        "a signal or lost data workers in another process"
+    name = signal.Signals(control.stop.signum).name if control.stop.signum else "a signal to another process"
     print(f"Stopped by {name} after {where}: checkpoint saved to {control.last_checkpoint}; run the same "
           f"command to continue from there", flush=True)
 
@@ -1170,7 +1160,14 @@ def train(state: TrainState, loader: torch.utils.data.DataLoader, schedules: dic
         resume_point = start if epoch == start.epoch else ResumePoint(epoch)
         loader.sampler.set_epoch(epoch)
         loader.sampler.set_start(resume_point.samples_done)
-        stats = train_one_epoch(state, loader, schedules, epoch, args, resume_point, control)
+        try:
+            stats = train_one_epoch(state, loader, schedules, epoch, args, resume_point, control)
+        except RuntimeError as exc:  # raised wherever the main thread is when torch learns a worker died
+            if "DataLoader worker (pid" not in str(exc):
+                raise
+            raise utils.UserError(f"{str(exc).strip().splitlines()[0].strip()} (out of memory?): lower "
+                                  f"--num_workers and run the same command to continue from the last checkpoint, "
+                                  f"{control.last_checkpoint}") from None
         if stats is None:
             return
         bad_images = stats.pop("bad_images")

@@ -5,6 +5,7 @@ Tiny settings (vit_tiny, patch 8, 32/16 px crops, 6 generated images, batch 2: 3
 """
 import argparse
 import builtins
+import functools
 import json
 import os
 import pathlib
@@ -422,19 +423,25 @@ def test_ranks_resuming_from_different_points_stop_and_every_rank_says_why(tmp_p
                f"that every node shares" in proc.stderr, proc.stderr[-3000:]
 
 
-def test_killed_data_workers_stop_like_a_signal_and_are_reported():
-    """A data worker killed (e.g. by the out-of-memory killer) ends the iteration like a stop signal, so a
-    checkpoint can be written; other loader errors (a bad image) still propagate."""
-    def batches(error):
-        yield "batch 0"
-        raise error
+def test_killed_data_workers_are_a_one_line_error_naming_the_last_checkpoint(monkeypatch):
+    """torch raises a killed worker (e.g. by the out-of-memory killer) wherever the main thread is, inside
+    the training step too: one line that says what to do, not a traceback; other errors pass through."""
+    def killed(*args):
+        raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. \nmore details")
 
-    stop = pwd.StopFlag()
-    killed = RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. \nmore details")
-    assert list(pwd.until_stopped(batches(killed), stop)) == ["batch 0", None]
-    assert stop.lost_workers == "DataLoader worker (pid 4242) is killed by signal: Killed." and stop.signum == 0
-    with pytest.raises(utils.UserError, match="cannot decode"):
-        list(pwd.until_stopped(batches(utils.UserError("cannot decode image x.jpg")), pwd.StopFlag()))
+    sampler = argparse.Namespace(set_epoch=lambda epoch: None, set_start=lambda samples: None)
+    control = pwd.RunControl(pwd.StopFlag(), last_checkpoint="out/checkpoint.pth (epoch 3, iteration 0)")
+    train = functools.partial(pwd.train, None, argparse.Namespace(sampler=sampler), {}, argparse.Namespace(epochs=5),
+                              pwd.ResumePoint(3), control)
+    monkeypatch.setattr(pwd, "train_one_epoch", killed)
+    with pytest.raises(utils.UserError) as error:
+        train()
+    assert str(error.value) == ("DataLoader worker (pid 4242) is killed by signal: Killed. (out of memory?): lower "
+                                "--num_workers and run the same command to continue from the last checkpoint, "
+                                "out/checkpoint.pth (epoch 3, iteration 0)")
+    monkeypatch.setattr(pwd, "train_one_epoch", lambda *args: torch.zeros(2) @ torch.zeros(3))
+    with pytest.raises(RuntimeError, match="size"):
+        train()
 
 
 def test_interrupted_checkpoint_writes_leave_nothing_behind_after_a_restart(tmp_path):

@@ -78,11 +78,23 @@ def load_ground_truth(data_path: str, dataset: str) -> dict:
         missing = [k for k in ("easy", "hard", "junk") if k not in g]
         if missing:
             raise utils.UserError(f"{gnd_path}: gnd[{i}] lacks {', '.join(missing)}")
-        box = g.get("bbx")
-        if box is not None and not (len(box) == 4 and box[0] < box[2] and box[1] < box[3]):
-            raise utils.UserError(f"{gnd_path}: gnd[{i}] has the bounding box {list(box)}, which is not "
-                                  f"(x0, y0, x1, y1) with x0 < x1 and y0 < y1: fix it or pass --crop_queries false")
     return cfg
+
+
+def query_boxes(cfg: dict, dataset: str) -> list:
+    """The ``bbx`` (x0, y0, x1, y1) of every query as floats, checked: queries are cropped to them."""
+    boxes = []
+    for i, g in enumerate(cfg["gnd"]):
+        try:
+            x0, y0, x1, y1 = (float(v) for v in g["bbx"])
+            valid = x0 < x1 and y0 < y1
+        except (KeyError, TypeError, ValueError):
+            valid = False
+        if not valid:
+            raise utils.UserError(f"gnd_{dataset}.pkl: gnd[{i}] has no bounding box (x0, y0, x1, y1) with x0 < x1 "
+                                  f"and y0 < y1 (bbx: {g.get('bbx')!r}): fix it or pass --crop_queries false")
+        boxes.append((x0, y0, x1, y1))
+    return boxes
 
 
 class OxfordParisDataset(torch.utils.data.Dataset):
@@ -100,7 +112,7 @@ class OxfordParisDataset(torch.utils.data.Dataset):
         self.image_dir = os.path.join(data_path, dataset, "jpg")
         names = self.cfg["qimlist"] if split == "query" else self.cfg["imlist"]
         self.paths = [os.path.join(self.image_dir, name + ".jpg") for name in names]
-        self.boxes = [g.get("bbx") for g in self.cfg["gnd"]] if split == "query" and crop_queries else None
+        self.boxes = query_boxes(self.cfg, dataset) if split == "query" and crop_queries else None
         self.imsize = imsize
         missing = [p for p in self.paths if not os.path.isfile(p)]
         if missing:
@@ -114,9 +126,7 @@ class OxfordParisDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         img = utils.open_image(self.paths[index])
         if self.boxes is not None:
-            if self.boxes[index] is None:
-                raise utils.UserError(f"query {index} has no bbx in gnd; pass --crop_queries false")
-            img = img.crop(tuple(float(v) for v in self.boxes[index]))
+            img = img.crop(self.boxes[index])
         img.thumbnail((self.imsize, self.imsize), Image.Resampling.LANCZOS)
         return TF.normalize(TF.to_tensor(img), IMAGENET_MEAN, IMAGENET_STD)  # (3, h, w)
 

@@ -287,14 +287,23 @@ def test_ground_truth_is_read_without_running_code(tmp_path, runs_code):
     assert not (tmp_path / "ran").exists()
 
 
-def test_a_box_that_is_not_x0_y0_x1_y1_is_a_clear_error(tmp_path):
-    (tmp_path / "roxford5k").mkdir()
-    with open(tmp_path / "roxford5k" / "gnd_roxford5k.pkl", "wb") as f:
-        pickle.dump({"imlist": [], "qimlist": ["q0", "q1"],
-                     "gnd": [{"bbx": [0, 0, 5, 5], "easy": [], "hard": [], "junk": []},
-                             {"bbx": [40, 0, 10, 5], "easy": [], "hard": [], "junk": []}]}, f)
-    with pytest.raises(utils.UserError, match=r"gnd\[1\] has the bounding box \[40, 0, 10, 5\].*--crop_queries false"):
-        retrieval.load_ground_truth(str(tmp_path), "roxford5k")
+@pytest.mark.parametrize("box", [[40, 0, 10, 5], None, 7])
+def test_a_box_that_is_not_x0_y0_x1_y1_is_a_clear_error_when_queries_are_cropped(box):
+    cfg = {"gnd": [{"bbx": [0, 0, 5, 5]}, {"bbx": box}]}
+    with pytest.raises(utils.UserError, match=r"gnd\[1\] has no bounding box .* --crop_queries false"):
+        retrieval.query_boxes(cfg, "roxford5k")
+    assert retrieval.query_boxes({"gnd": [{"bbx": [0, 1, 5.5, 5]}]}, "roxford5k") == [(0.0, 1.0, 5.5, 5.0)]
+
+
+def test_bad_boxes_do_not_matter_with_whole_queries(mini_revisited, tmp_path):
+    root = mini_revisited[0]
+    shutil.copytree(root / "roxford5k", tmp_path / "roxford5k")
+    cfg = retrieval.load_ground_truth(str(root), "roxford5k")
+    cfg["gnd"][1]["bbx"] = [40, 0, 10, 5]
+    whole = retrieval.OxfordParisDataset(str(tmp_path), "roxford5k", "query", imsize=32, crop_queries=False, cfg=cfg)
+    assert whole[1].shape[0] == 3
+    with pytest.raises(utils.UserError, match=r"gnd\[1\]"):
+        retrieval.OxfordParisDataset(str(tmp_path), "roxford5k", "query", imsize=32, crop_queries=True, cfg=cfg)
 
 
 def test_images_smaller_than_a_patch_are_stretched_to_one_patch_not_refused():

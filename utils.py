@@ -183,11 +183,12 @@ def init_distributed_mode(args: argparse.Namespace) -> None:
     use_cuda = torch.cuda.is_available() and not getattr(args, "force_cpu", False)
     if use_cuda:
         gpus = torch.cuda.device_count()
-        if launcher == "slurm":  # with --gpus-per-task or --gpu-bind each task sees only its own GPU(s)
-            local_rank %= gpus
-        elif local_rank >= gpus:
+        if launcher == "slurm" and gpus == 1:  # --gpus-per-task=1 or --gpu-bind: each task sees its own GPU
+            local_rank = 0
+        if local_rank >= gpus:
+            fix = "--ntasks-per-node (or bind one GPU per task)" if launcher == "slurm" else "--nproc_per_node"
             raise UserError(f"process with local rank {local_rank} needs a GPU but only {gpus} are visible: "
-                            f"lower --nproc_per_node")
+                            f"lower {fix}")
         torch.cuda.set_device(local_rank)
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
@@ -432,7 +433,8 @@ def _numpy_safe_globals() -> list:
         from numpy._core.multiarray import scalar
     except ImportError:  # numpy 1
         from numpy.core.multiarray import scalar
-    dtype_classes = [getattr(np.dtypes, name) for name in getattr(np.dtypes, "__all__", ())]
+    dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25
+    dtype_classes = [getattr(dtypes, name) for name in getattr(dtypes, "__all__", ())]
     return [(scalar, "numpy._core.multiarray.scalar"), (scalar, "numpy.core.multiarray.scalar"), np.dtype,
             *(cls for cls in dtype_classes if isinstance(cls, type))]
 

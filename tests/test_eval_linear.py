@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import eval_linear
+import utils
 import vision_transformer as vits
 from eval_testdata import assert_one_line_error, last_json, make_image_folder, run_script, write_dino_checkpoint
 
@@ -125,3 +126,19 @@ def test_evaluate_without_a_trained_classifier_is_a_one_line_error(linear_setup)
     root, common = linear_setup
     result = run_script("eval_linear.py", [*common, "--evaluate", "--output_dir", str(root / "empty")])
     assert_one_line_error(result, "--evaluate", "train first")
+
+
+def test_classifier_saved_before_the_interleaved_layout_is_refused_not_misread(tmp_path):
+    """Before the reference's layout, one block + avgpool concatenated [CLS] then pooled: such a head would read
+    the wrong columns. Those checkpoints carry num_labels and no setup; the reference's released heads neither."""
+    setup = {"backbone weights": "0" * 64, "--arch": "vit_tiny", "--patch_size": 16, "--n_last_blocks": 1,
+             "--avgpool_patchtokens": True, "--image_size": 32}
+    head = {"epoch": 3, "state_dict": {"linear.weight": torch.zeros(2, 384), "linear.bias": torch.zeros(2)}}
+    torch.save({**head, "num_labels": 2}, tmp_path / "old.pth.tar")
+    with pytest.raises(utils.UserError, match="earlier version of this script.*train a new classifier"):
+        eval_linear.load_classifier_checkpoint(str(tmp_path / "old.pth.tar"), eval_linear.LinearClassifier(384, 2),
+                                               setup)
+    torch.save(head, tmp_path / "released.pth.tar")  # a released head: loads (unchecked)
+    classifier = eval_linear.LinearClassifier(384, 2)
+    eval_linear.load_classifier_checkpoint(str(tmp_path / "released.pth.tar"), classifier, setup)
+    assert classifier.linear.weight.abs().sum() == 0

@@ -394,6 +394,13 @@ def test_each_slurm_task_uses_its_own_gpu_when_it_sees_only_that_one(monkeypatch
     args = argparse.Namespace(dist_url="env://")
     utils.init_distributed_mode(args)
     assert args.world_size == 1 and calls["world_size"] == 1 and "init_method" not in calls  # a one-process group
+    # more tasks on a node than the GPUs all of them see: refused, not two processes sharing a GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
+    with pytest.raises(utils.UserError, match="local rank 3 needs a GPU but only 2 are visible: lower "
+                                              "--ntasks-per-node"):
+        utils.init_distributed_mode(argparse.Namespace(dist_url="env://"))
 
 
 DIFFERENT_STARTS_SCRIPT = """

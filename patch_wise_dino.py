@@ -30,7 +30,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import signal
 import sys
@@ -1196,15 +1195,6 @@ def check_same_start(start: ResumePoint, checkpoint_path: Optional[str], device:
                               f"every node shares")
 
 
-def remove_stale_temporaries(folder: str) -> None:
-    """Delete the temporary files of checkpoint writes that a killed process left behind (utils.atomic_save
-    names them ``.<name>.tmp<pid>`` and ``.<name>.link<pid>``)."""
-    for name in os.listdir(folder):
-        if re.fullmatch(r"\.checkpoint[\w.]*\.(tmp|link)\d+", name):
-            os.remove(os.path.join(folder, name))
-            print(f"Removed {name}, left in {folder} by an interrupted checkpoint write")
-
-
 def prepare_output_dir(path: str) -> None:
     """Create ``path`` and check that a file can be written there."""
     try:
@@ -1226,7 +1216,7 @@ def main(args: argparse.Namespace) -> TrainState:
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     checkpoint, checkpoint_path = load_run_checkpoint(args)  # before any work: a run of another model is refused
     if utils.is_main_process():
-        remove_stale_temporaries(args.output_dir)
+        utils.remove_partial_writes(args.output_dir, "checkpoint")  # checkpoint.pth, .prev, checkpointNNNN
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=1, default=str)
     precision = setup_precision(args)

@@ -417,6 +417,16 @@ def _keep_as_previous(path: str, previous: str) -> None:
         os.replace(path, previous)
 
 
+def remove_partial_writes(folder: str, prefix: str) -> None:
+    """Delete the temporary files that ``atomic_save`` (``.<name>.tmp<pid>``) and ``_keep_as_previous``
+    (``.<name>.link<pid>``) left in ``folder`` when their process was killed, for names starting with
+    ``prefix``."""
+    for name in os.listdir(folder):
+        if re.fullmatch(rf"\.{re.escape(prefix)}[\w.]*\.(tmp|link)\d+", name):
+            os.remove(os.path.join(folder, name))
+            print(f"Removed {name}, left in {folder} by an interrupted write")
+
+
 def save_on_master(obj: Any, path: str) -> None:
     if is_main_process():
         atomic_save(obj, path)
@@ -482,29 +492,6 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> Any:
         detail = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
         raise UserError(f"{path} is not a readable checkpoint (truncated, corrupt, or not written by "
                         f"torch.save): {detail}") from None
-
-
-def restart_from_checkpoint(ckp_path: str, run_variables: Optional[dict] = None, **kwargs: Any) -> bool:
-    """Restore the objects passed as keyword arguments (anything with ``load_state_dict``) from the
-    entries of the same name in ``ckp_path``, and fill ``run_variables`` (e.g. ``epoch``) from it.
-    Returns False when there is no checkpoint."""
-    if not os.path.isfile(ckp_path):
-        return False
-    checkpoint = load_checkpoint(ckp_path)
-    print(f"Found checkpoint at {ckp_path}")
-    for key, value in kwargs.items():
-        if value is None:
-            continue
-        if key not in checkpoint:
-            print(f"=> key '{key}' not found in checkpoint '{ckp_path}'")
-            continue
-        value.load_state_dict(checkpoint[key])
-        print(f"=> loaded '{key}' from checkpoint '{ckp_path}'")
-    if run_variables is not None:
-        for key in run_variables:
-            if key in checkpoint:
-                run_variables[key] = checkpoint[key]
-    return True
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -5,8 +5,9 @@ Inputs: one batch of 8 images from the sample photos (``data/sample``) through t
 Each (configuration, mode) runs ``patch_wise_dino.train_step`` (student + teacher forward, loss, backward,
 clipping, optimiser, teacher EMA) in its own subprocess, so that its peak resident memory
 (``resource.getrusage`` max RSS) belongs to it alone; seconds per step are the fastest of ``--steps``
-steps after one warm-up step (other load on the machine only ever adds time), on one CPU thread by default (``--threads``: with several threads, load from
-other processes stalls every parallel region, and timings on a shared machine vary several-fold).
+steps after one warm-up step (other load on the machine only ever adds time), on one CPU thread by
+default (``--threads``: with several threads, load from other processes stalls every parallel region,
+and timings on a shared machine vary several-fold).
 Vanilla and patch-wise subprocesses alternate over ``--rounds`` rounds and each keeps its fastest round,
 so load from other processes hits both alike.
 
@@ -158,7 +159,8 @@ def main(args: argparse.Namespace) -> bool:
         time_ratio = patch["seconds"] / vanilla["seconds"]
         flop_ratio = (patch["model_flops"] + patch["loss_flops"]) / (vanilla["model_flops"] + vanilla["loss_flops"])
         name = f"{arch}/16 K={out_dim}"
-        print(f"\n{name} on {vanilla['device']}{' (compiled)' if args.compile else ''}: student head on {patch['student_tokens']} tokens "
+        compiled = " (compiled)" if args.compile else ""
+        print(f"\n{name} on {vanilla['device']}{compiled}: student head on {patch['student_tokens']} tokens "
               f"({vanilla['student_tokens']} vanilla), {patch['entries']} loss entries")
         for label, r in (("vanilla", vanilla), ("patch", patch)):
             print(f"  {label:8s} {r['seconds']:8.3f} s/step  peak {r['peak_mb']:8.0f} MB (before the first step "

@@ -381,7 +381,8 @@ def test_each_slurm_task_uses_its_own_gpu_when_it_sees_only_that_one(monkeypatch
     monkeypatch.delenv("SLURM_STEP_NUM_TASKS", raising=False)
     calls = {}
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.setdefault("device", device))
-    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kw: calls.update(kw, backend=backend))
+    monkeypatch.setattr(torch.distributed, "init_process_group",
+                        lambda backend, **kw: calls.update(kw, backend=backend))
     args = argparse.Namespace(dist_url="env://")
     utils.init_distributed_mode(args)
     assert calls == {"device": 0, "backend": "nccl", "init_method": "env://", "world_size": 4, "rank": 3}
@@ -456,7 +457,7 @@ def test_interrupted_checkpoint_writes_leave_nothing_behind_after_a_restart(tmp_
         (tmp_path / name).write_bytes(b"partial")
     for name in ("checkpoint.pth", ".write_test", "notes.tmp1", ".other.pth.tmp12"):
         (tmp_path / name).write_bytes(b"keep")
-    pwd.remove_stale_temporaries(str(tmp_path))
+    utils.remove_partial_writes(str(tmp_path), "checkpoint")
     assert sorted(os.listdir(tmp_path)) == [".other.pth.tmp12", ".write_test", "checkpoint.pth", "notes.tmp1"]
 
 

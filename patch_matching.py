@@ -1,18 +1,22 @@
 """Patch matching of Patch-Wise DINO (Javidani et al. 2023, "Local-Global Self-Supervised Visual
 Representation Learning"): which tokens of two augmented views show the same place of the image.
 
-The paper's algorithm: intersect the two crop boxes in source coordinates; in each view, the patches
-whose centres fall inside the intersection form a rectangle of patch indices (columns mirrored when the
-view is flipped); for rows and for columns independently, the view with more of them is subsampled on a
-uniform grid (``floor(linspace(0, n_big - 1, n_small))``) down to the other's count; the rectangles are
-then paired element-wise, in source order. Token 0 is [CLS] and is always paired first; patch (r, c)
-of a crop with grid g is token 1 + r * g + c of the tensor the network sees (after the flip).
+The authors' rule (their ``augment.py``), reproduced token for token: intersect the two crop boxes in
+source pixels, ``[lo, hi)`` per axis; in each view of grid g whose box starts at s and spans L source
+pixels, keep the patches ``start = round(g * (lo - s) / L)`` to ``start + round(g * (hi - lo) / L)``
+(Python's round, half to even, in float64 as their code computes it), cut at the grid; columns counted
+from the mirrored side when the view is flipped, and read in source order. For rows and for columns
+independently, the view with more of them is subsampled with ``floor(linspace(0, n_big - 1, n_small))``
+(numpy's own float arithmetic) down to the other's count; the two rectangles are paired element-wise in
+row-major source order. Token 0 is [CLS] and always comes first; boxes that do not overlap, or an axis
+with nothing kept, give only the [CLS] pair. Patch (r, c) of a crop with grid g is token 1 + r * g + c
+of the tensor the network sees (after the flip).
 
-Rounding: a patch belongs to a view's rectangle when its centre lies in the intersection (bounds are
-exact integer divisions, so ties do not depend on floating point), and the subsampling floors exactly
-in integers. Because the two rectangles are paired end to end, a matched pair's patch centres differ
-by at most one patch of the coarser view plus one of the finer view; on random DINO crops they differ
-by about a third of a coarse patch on average (tests/test_patch_matching.py).
+Because each view's range is rounded to its own grid and the two ranges are paired end to end, a matched
+pair's patches can be up to about one coarse plus one fine patch apart; on random DINO crops they differ
+by a third of a coarse patch on average (tests/test_patch_matching.py). One deliberate difference: a range
+whose rounded end passes the grid is cut at the grid before mirroring; the authors' slicing does this for
+unflipped views but turns it into a negative index on flipped ones (a rare case of odd grids).
 
 ``python patch_matching.py`` is the demo: it cuts a global and a local view out of ``test.png``, writes
 ``result.png`` with both views, their patch grids and token numbers and the matched patches linked,
@@ -20,7 +24,7 @@ and prints the matched token pairs.
 """
 import argparse
 import os
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import cv2
 import numpy as np
@@ -31,69 +35,96 @@ import utils
 from transforms import CropGeometry
 
 
-def _axis_ranges(lo: np.ndarray, hi: np.ndarray, start: np.ndarray, length: np.ndarray,
-                 grid: np.ndarray) -> tuple:
-    """(first, count) of the patches along one axis of each view whose centres lie in [lo, hi] (source px).
+class _Views(NamedTuple):
+    """Crop geometries as named int64 arrays, one entry per view; ``grid`` is patches per side."""
+    top: np.ndarray
+    left: np.ndarray
+    height: np.ndarray
+    width: np.ndarray
+    grid: np.ndarray
+    flipped: np.ndarray
 
-    Patch k's centre is start + (2k + 1) * length / (2 * grid): the bounds are exact integer divisions,
-    so a centre lying exactly on the intersection's edge is always kept.
+    @classmethod
+    def from_geometries(cls, geometries: Sequence[CropGeometry], patch_size: int) -> "_Views":
+        top, left, height, width, out_size, flipped = np.array(geometries, dtype=np.int64).reshape(-1, 6).T
+        if np.any(out_size % patch_size):
+            raise ValueError(f"crop sizes {sorted(set(out_size.tolist()))} must be multiples of "
+                             f"the patch size {patch_size}")
+        return cls(top, left, height, width, out_size // patch_size, flipped.astype(bool))
+
+    def take(self, index: np.ndarray) -> "_Views":
+        return _Views(*(field[index] for field in self))
+
+
+def _kept_range(lo: np.ndarray, hi: np.ndarray, start: np.ndarray, length: np.ndarray,
+                grid: np.ndarray) -> tuple:
+    """``(first, count)`` of the patches of each view along one axis that show [lo, hi) (source pixels).
+
+    The authors' rounding, in their float64 arithmetic: ``first = round(g * ((lo - s) / L))``,
+    ``count = round(g * ((hi - lo) / L))``, half to even, the end cut at the grid. ``first`` is counted
+    in source order (from the crop's left edge even when the view is flipped).
     """
-    denominator = 2 * length
-    first = -((length - 2 * grid * (lo - start)) // denominator)  # ceil((2g(lo - s) - L) / 2L)
-    last = (2 * grid * (hi - start) - length) // denominator  # floor((2g(hi - s) - L) / 2L)
-    first, last = np.maximum(first, 0), np.minimum(last, grid - 1)
-    return first, last - first + 1
+    first = np.round(grid * ((lo - start) / length)).astype(np.int64)
+    count = np.round(grid * ((hi - lo) / length)).astype(np.int64)
+    return first, np.clip(np.minimum(first + count, grid) - first, 0, None)
 
 
-def _as_array(geometries: Sequence[CropGeometry], patch_size: int) -> np.ndarray:
-    """(N, 6) int64 array of (top, left, height, width, grid, flipped), checking out_size % patch_size."""
-    table = np.array(geometries, dtype=np.int64).reshape(-1, 6)  # (N, 6)
-    if np.any(table[:, 4] % patch_size):
-        raise ValueError(f"crop sizes {sorted(set(table[:, 4].tolist()))} must be multiples of "
-                         f"the patch size {patch_size}")
-    table[:, 4] //= patch_size
-    return table
+def _subsample(k: np.ndarray, count: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """``floor(linspace(0, count - 1, kept))[k]`` elementwise, with numpy's own arithmetic: k times the float64
+    step, the last point exactly ``count - 1``. (Exact integer division differs in a few cases, e.g. 31 -> 23.)"""
+    step = (count - 1) / np.maximum(kept - 1, 1)
+    return np.where((k == kept - 1) & (kept > 1), count - 1, np.floor(k * step)).astype(np.int64)
 
 
-def _match_many(table: np.ndarray, pairs_a: np.ndarray, pairs_b: np.ndarray) -> list:
-    """``match_patches`` for the P view pairs (pairs_a[p], pairs_b[p]) of ``table``, all at once."""
-    geo_a, geo_b = table[pairs_a], table[pairs_b]  # (P, 6) each
-    columns, kept = [], []
-    for s, l in ((0, 2), (1, 3)):  # rows from (top, height), then columns from (left, width)
-        lo = np.maximum(geo_a[:, s], geo_b[:, s])  # (P,) intersection in source pixels
-        hi = np.minimum(geo_a[:, s] + geo_a[:, l], geo_b[:, s] + geo_b[:, l])  # (P,)
-        first_a, count_a = _axis_ranges(lo, hi, geo_a[:, s], geo_a[:, l], geo_a[:, 4])
-        first_b, count_b = _axis_ranges(lo, hi, geo_b[:, s], geo_b[:, l], geo_b[:, 4])
-        kept.append(np.where(hi > lo, np.minimum(count_a, count_b), 0).clip(min=0))  # (P,) pairs on this axis
-        columns += [first_a, count_a - 1, first_b, count_b - 1]
-    n_rows, n_cols = kept
-    n_rows, n_cols = np.where(n_cols > 0, n_rows, 0), np.where(n_rows > 0, n_cols, 0)
-    sizes = n_rows * n_cols + 1  # (P,) tokens per pair, [CLS] included
-    ends = np.cumsum(sizes)
-    # per pair: 0-7 (first, count - 1) of rows a, rows b, cols a, cols b; 8-9 rows and cols kept - 1;
-    # 10 cols kept; 11 start of the pair in the output; 12-15 grid and flip of a, then of b
-    per_pair = np.stack(columns + [
-        np.maximum(n_rows - 1, 1), np.maximum(n_cols - 1, 1), np.maximum(n_cols, 1), ends - sizes,
-        geo_a[:, 4], geo_a[:, 5], geo_b[:, 4], geo_b[:, 5]], axis=1)  # (P, 16)
-    entry = per_pair[np.repeat(np.arange(len(sizes)), sizes)]  # (M, 16) one row per output entry
-    q = np.arange(ends[-1]) - entry[:, 11] - 1  # (M,) patch number in its pair, -1 for [CLS]
-    k_row, k_col = q // entry[:, 10], q % entry[:, 10]  # (M,)
+class _AxisMatch(NamedTuple):
+    """Per view pair, along one axis: the kept patch range of view a and of view b, and how many are paired."""
+    first_a: np.ndarray
+    count_a: np.ndarray
+    first_b: np.ndarray
+    count_b: np.ndarray
+    paired: np.ndarray  # min(count_a, count_b), 0 when the boxes do not overlap on this axis
+
+
+def _match_axis(a: _Views, b: _Views, start: str, length: str) -> _AxisMatch:
+    """Rows (``start="top"``) or columns (``start="left"``) of every view pair (a[p], b[p])."""
+    s_a, l_a, s_b, l_b = getattr(a, start), getattr(a, length), getattr(b, start), getattr(b, length)
+    lo, hi = np.maximum(s_a, s_b), np.minimum(s_a + l_a, s_b + l_b)  # (P,) intersection in source pixels
+    first_a, count_a = _kept_range(lo, hi, s_a, l_a, a.grid)
+    first_b, count_b = _kept_range(lo, hi, s_b, l_b, b.grid)
+    return _AxisMatch(first_a, count_a, first_b, count_b, np.where(hi > lo, np.minimum(count_a, count_b), 0))
+
+
+def _tokens(view: _Views, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Token 1 + r * g + c of patch (row, source-order column) in the tensor the network sees (after the flip)."""
+    cols = np.where(view.flipped, view.grid - 1 - cols, cols)
+    return 1 + rows * view.grid + cols
+
+
+def _match_many(views: _Views, pairs_a: np.ndarray, pairs_b: np.ndarray) -> list:
+    """``match_patches`` for the P view pairs (pairs_a[p], pairs_b[p]) of ``views``, all at once."""
+    a, b = views.take(pairs_a), views.take(pairs_b)
+    rows, cols = _match_axis(a, b, "top", "height"), _match_axis(a, b, "left", "width")
+    n_rows, n_cols = rows.paired, cols.paired  # (P,) each
+    sizes = 1 + n_rows * n_cols  # (P,) entries of each pair, [CLS] included
+    ends = np.cumsum(sizes)  # (P,)
+    pair = np.repeat(np.arange(len(sizes)), sizes)  # (M,) the pair of each output entry
+    q = np.arange(ends[-1]) - (ends - sizes)[pair] - 1  # (M,) patch number within its pair, -1 for [CLS]
+    k_row, k_col = np.divmod(q, np.maximum(n_cols[pair], 1))  # (M,) each, in source order
     tokens = []
-    for view in (0, 1):
-        # first + floor(linspace(0, count - 1, n)), in exact integer arithmetic
-        rows = entry[:, 2 * view] + k_row * entry[:, 2 * view + 1] // entry[:, 8]  # (M,)
-        cols = entry[:, 4 + 2 * view] + k_col * entry[:, 5 + 2 * view] // entry[:, 9]  # (M,) in source order
-        grid, flipped = entry[:, 12 + 2 * view], entry[:, 13 + 2 * view]
-        cols = np.where(flipped == 1, grid - 1 - cols, cols)  # column of the mirrored tensor
-        tokens.append(np.where(q < 0, 0, 1 + rows * grid + cols))  # (M,)
+    for view, row_first, row_count, col_first, col_count in (
+            (a, rows.first_a, rows.count_a, cols.first_a, cols.count_a),
+            (b, rows.first_b, rows.count_b, cols.first_b, cols.count_b)):
+        r = row_first[pair] + _subsample(k_row, row_count[pair], n_rows[pair])  # (M,)
+        c = col_first[pair] + _subsample(k_col, col_count[pair], n_cols[pair])  # (M,)
+        tokens.append(np.where(q < 0, 0, _tokens(view.take(pair), r, c)))  # (M,)
     bounds = [0] + ends.tolist()
     return [(tokens[0][b0:b1], tokens[1][b0:b1]) for b0, b1 in zip(bounds[:-1], bounds[1:])]
 
 
 def match_patches(geom_a: CropGeometry, geom_b: CropGeometry, patch_size: int) -> tuple:
     """Token indices ``(idx_a, idx_b)`` (int64 arrays of equal length, [CLS] pair first) showing the same place."""
-    table = _as_array([geom_a, geom_b], patch_size)
-    return _match_many(table, np.array([0]), np.array([1]))[0]
+    views = _Views.from_geometries([geom_a, geom_b], patch_size)
+    return _match_many(views, np.array([0]), np.array([1]))[0]
 
 
 def match_all_pairs(geometries: Sequence[CropGeometry], patch_size: int, num_global: int = 2) -> list:
@@ -102,7 +133,7 @@ def match_all_pairs(geometries: Sequence[CropGeometry], patch_size: int, num_glo
     if not pairs:
         return []
     teacher, student = np.array(pairs).T  # (P,) each
-    matches = _match_many(_as_array(geometries, patch_size), teacher, student)
+    matches = _match_many(_Views.from_geometries(geometries, patch_size), teacher, student)
     return [(i, v, idx_t, idx_s) for (i, v), (idx_t, idx_s) in zip(pairs, matches)]
 
 
@@ -201,7 +232,7 @@ def main(args: argparse.Namespace) -> list:
         raise utils.UserError(f"image {args.image} not found: put a test.png here or pass --image")
     source = transforms.to_rgb_array(utils.open_image(args.image))  # (H, W, 3)
     if args.resize:
-        source = transforms.resize_image(source, args.resize, args.resize)  # (R, R, 3)
+        source = transforms.resize_source(source, args.resize)  # (R, R, 3)
     torch.manual_seed(args.seed)
     geoms = sample_overlapping_views(source, args)
     views = [transforms.crop_image(source, g) for g in geoms]  # (S, S, 3) each

@@ -64,8 +64,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     # Model
     parser.add_argument("--arch", default="vit_small", type=str,
                         help=f"ViT architecture: {', '.join(vits.VIT_ARCHS)}")
-    parser.add_argument("--patch_size", default=16, type=int, help="side of a ViT patch in pixels")
-    parser.add_argument("--out_dim", default=65536, type=int, help="dimensionality K of the DINO head output")
+    parser.add_argument("--patch_size", default=8, type=int,
+                        help="side of a ViT patch in pixels (the authors' default 8; DINO's recipe: 16)")
+    parser.add_argument("--out_dim", default=10000, type=int,
+                        help="dimensionality K of the DINO head output (the authors' default 10000; DINO's: 65536)")
     parser.add_argument("--norm_last_layer", default=True, type=utils.bool_flag,
                         help="freeze the weight norm of the head's last layer (true is more stable)")
     parser.add_argument("--momentum_teacher", default=0.996, type=float,
@@ -87,7 +89,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weight_decay_end", default=0.4, type=float, help="final weight decay (cosine schedule)")
     parser.add_argument("--clip_grad", default=3.0, type=float,
                         help="clip each parameter's gradient to this norm (0 disables)")
-    parser.add_argument("--batch_size_per_gpu", default=64, type=int, help="images per process and step")
+    parser.add_argument("--batch_size_per_gpu", default=6, type=int,
+                        help="images per process and step (the authors' default 6; DINO's: 64)")
     parser.add_argument("--epochs", default=100, type=int, help="number of training epochs")
     parser.add_argument("--freeze_last_layer", default=1, type=int,
                         help="epochs during which the head's last layer is not updated")
@@ -469,23 +472,22 @@ class LossPlan(NamedTuple):
     student_rows: torch.Tensor  # (S,) flat rows of the student backbone outputs (MultiCropWrapper layout)
     entry_student: torch.Tensor  # (E,) row of the student output (index into student_rows) of each entry
     entry_teacher: torch.Tensor  # (E,) row of the flat teacher output (i * B + b) * T + t of each entry
-    entry_weight: torch.Tensor  # (E,) 1 / (view pairs * valid entries of the entry's pair, per process)
+    entry_weight: torch.Tensor  # (E,) 1 / (view pairs * images * valid entries of the entry's image and pair)
     entry_is_cls: torch.Tensor  # (E,) True for the [CLS]-[CLS] entries
 
 
 def make_loss_plan(pairs: torch.Tensor, teacher_idx: torch.Tensor, student_idx: torch.Tensor,
-                   mask: torch.Tensor, view_tokens: Sequence[int], teacher_tokens: int,
-                   counts_over_processes: bool = False) -> LossPlan:
+                   mask: torch.Tensor, view_tokens: Sequence[int], teacher_tokens: int) -> LossPlan:
     """Flatten the padded matches of a batch into loss entries (padding dropped).
 
     ``view_tokens[v]`` is the number of backbone rows per image of student view v (1 + N_v, or 1 for
     [CLS] only); ``teacher_tokens`` the same for the teacher. Each distinct student row appears once in
     ``student_rows`` even when it is matched in several pairs.
 
-    ``counts_over_processes`` (training under DDP; every process must call it): a pair's valid entries are
-    counted over the whole batch of all processes (an all-reduce of P numbers), so that once DDP has
-    averaged the gradients each entry weighs the same in every process, as if one process held the whole
-    batch. Processes hold different numbers of matched patches; [CLS] entries weigh the same either way.
+    Weights, as the authors' loss: for each view pair, the mean over the images of the mean over that
+    image's valid entries ([CLS] counts as one), then the mean over pairs. Under DDP, which averages the
+    gradients of equal local batches, every image of the global batch weighs 1 / (total batch): no count
+    crosses processes.
     """
     if len(view_tokens) < NUM_GLOBAL:
         raise ValueError(f"Patch-Wise DINO needs at least {NUM_GLOBAL} views (the global crops), "
@@ -507,10 +509,8 @@ def make_loss_plan(pairs: torch.Tensor, teacher_idx: torch.Tensor, student_idx: 
         raise ValueError("matches refer to views or tokens that the crops do not have")
     teacher_rows = (t_view * B + image) * teacher_tokens + teacher_idx  # (P, B, M)
     student_rows = view_start[s_view] + image * tokens[s_view] + student_idx  # (P, B, M)
-    per_pair = mask.sum((1, 2)).float()  # (P,) valid entries of each pair in this process
-    if counts_over_processes:
-        per_pair = utils.all_reduce_mean(per_pair)  # (P,) the same count per process for every process
-    weight = (1.0 / (P * per_pair.clamp_min(1)))[:, None, None].expand(P, B, M)  # (P, B, M)
+    per_image = mask.sum(2, keepdim=True).float()  # (P, B, 1) valid entries of each image in each pair
+    weight = (1.0 / (P * B * per_image.clamp_min(1))).expand(P, B, M)  # (P, B, M)
     keep = mask.flatten().nonzero().squeeze(1)  # (E,)
     rows, inverse = torch.unique(student_rows.flatten()[keep], return_inverse=True)  # (S,), (E,)
     return LossPlan(rows, inverse, teacher_rows.flatten()[keep], weight.flatten()[keep],
@@ -546,9 +546,10 @@ class PatchWiseDINOLoss(nn.Module):
     """DINO's cross-entropy between the sharpened, centred teacher and the student, on [CLS] and on
     every matched patch pair; one center row per teacher token position.
 
-    For a view pair (teacher global view i, student view v) the loss is the mean over its valid
-    (image, token) entries of ``-softmax((t - center) / teacher_temp) . log_softmax(s / student_temp)``;
-    the total is the mean over view pairs. With [CLS]-only matches it is DINO's loss.
+    For a view pair (teacher global view i, student view v) and an image, the loss is the mean over that
+    image's matched token pairs ([CLS] included) of ``-softmax((t - center) / teacher_temp) .
+    log_softmax(s / student_temp)``; it is averaged over the images, then over the view pairs, as in the
+    authors' code. With [CLS]-only matches it is DINO's loss.
     """
 
     def __init__(self, out_dim: int, num_positions: int, warmup_teacher_temp: float, teacher_temp: float,
@@ -805,8 +806,7 @@ def train_step(state: TrainState, batch: MultiCropBatch, epoch: int, lr: float, 
     crops = [c.to(device, non_blocking=True) for c in batch.crops]  # V x (B, 3, S, S)
     patch_size, B = unwrap(student).backbone.patch_size, len(crops[0])
     view_tokens = view_token_counts(crops, patch_size, args.patch_loss)
-    plan = make_loss_plan(*(t.to(device, non_blocking=True) for t in batch[1:]), view_tokens, view_tokens[0],
-                          counts_over_processes=True)
+    plan = make_loss_plan(*(t.to(device, non_blocking=True) for t in batch[1:]), view_tokens, view_tokens[0])
     with precision.autocast():
         with torch.no_grad():
             teacher_out = teacher(crops[:NUM_GLOBAL], all_tokens=args.patch_loss)  # (2B*T, K)

@@ -17,7 +17,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import patch_matching
 import patch_wise_dino as pwd
+import transforms
 import utils
 from vision_transformer import DINOHead, VisionTransformer
 
@@ -43,7 +45,8 @@ def dino_reference_loss(student_views, teacher_views, center, teacher_temp):
 
 
 def loop_reference_loss(student_views, teacher, center, matches, teacher_temp):
-    """Per image, per view pair, per matched token: the definition of the patch-wise loss.
+    """Per view pair, per image, per matched token: the definition of the patch-wise loss (mean over an image's
+    matched tokens, then over the images, then over the view pairs).
 
     ``student_views[v]`` (B, T_v, K); ``teacher`` (2B, T, K); ``center`` (1, T, K);
     ``matches[b]`` a list of (i, v, idx_t, idx_s)."""
@@ -51,15 +54,32 @@ def loop_reference_loss(student_views, teacher, center, matches, teacher_temp):
     num_pairs = len(matches[0])
     total = 0.0
     for p in range(num_pairs):
-        pair_sum, count = 0.0, 0
+        pair_total = 0.0
         for b in range(B):
             i, v, idx_t, idx_s = matches[b][p]
+            image_sum = 0.0
             for tt, ss in zip(idx_t.tolist(), idx_s.tolist()):
                 q = torch.softmax((teacher[i * B + b, tt] - center[0, tt]) / teacher_temp, dim=-1)
-                pair_sum = pair_sum + torch.sum(-q * F.log_softmax(student_views[v][b, ss] / STUDENT_TEMP, dim=-1))
-                count += 1
-        total = total + pair_sum / count
+                image_sum = image_sum + torch.sum(-q * F.log_softmax(student_views[v][b, ss] / STUDENT_TEMP, dim=-1))
+            pair_total = pair_total + image_sum / len(idx_t)
+        total = total + pair_total / B
     return total / num_pairs
+
+
+def authors_loss(student_views, teacher, center, shared_matches, teacher_temp):
+    """The authors' DINOLoss.forward with one match list per view pair shared by the batch, transcribed:
+    softmax of the centred teacher over every token, the selected tokens of both views, the cross-entropy
+    summed over K and averaged over (images, tokens), summed over pairs and divided by their number.
+
+    ``student_views[v]`` (B, T_v, K); ``teacher`` (2B, T, K); ``shared_matches[(i, v)] = (idx_t, idx_s)``."""
+    teacher_views = F.softmax((teacher - center) / teacher_temp, dim=-1).chunk(2)  # 2 x (B, T, K)
+    total, terms = 0.0, 0
+    for (i, v), (idx_t, idx_s) in shared_matches.items():
+        q = teacher_views[i][:, idx_t.tolist(), :]  # (B, M, K)
+        log_p = F.log_softmax(student_views[v][:, idx_s.tolist(), :] / STUDENT_TEMP, dim=-1)  # (B, M, K)
+        total = total + torch.sum(-q * log_p, dim=-1).mean()
+        terms += 1
+    return total / terms
 
 
 def random_matches(rng, num_views, grids, B):
@@ -200,6 +220,55 @@ def test_patch_loss_equals_per_image_per_pair_loop(B, n_local, seed, chunk_eleme
     assert stats["kl_cls"] >= 0 and stats["kl_patch"] >= 0
 
 
+def test_shared_geometry_loss_equals_the_authors_formula():
+    """Every image with the same crops (the authors' batches): our loss and gradient equal their formula."""
+    torch.manual_seed(3)
+    B, K, patch_size = 3, 16, 16
+    geoms = ([transforms.sample_crop_geometry(256, 256, 48, (0.4, 1.0)) for _ in range(2)]
+             + [transforms.sample_crop_geometry(256, 256, 32, (0.05, 0.4)) for _ in range(3)])
+    matches = patch_matching.match_all_pairs(geoms, patch_size)
+    assert max(len(idx_t) for _, _, idx_t, _ in matches) > 2  # some pairs share patches
+    view_tokens = [1 + (g.out_size // patch_size) ** 2 for g in geoms]
+    T = view_tokens[0]
+    batch = pwd.collate_multicrop([([torch.zeros(3, 4, 4)] * len(geoms), matches)] * B)
+    plan = pwd.make_loss_plan(*batch[1:], view_tokens=view_tokens, teacher_tokens=T)
+    student_views = [torch.randn(B, t, K) * 2 for t in view_tokens]
+    teacher, center = torch.randn(2 * B, T, K) * 0.3, torch.randn(1, T, K) * 0.05
+    leaves = [s.clone().requires_grad_() for s in student_views]
+    loss, _ = make_loss(K, T, 0.04, center)(gather_student(leaves, plan), teacher, plan, epoch=0)
+    loss.backward()
+    ref_leaves = [s.clone().requires_grad_() for s in student_views]
+    ref = authors_loss(ref_leaves, teacher, center, {(i, v): (t, s) for i, v, t, s in matches}, 0.04)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    for got, want in zip(leaves, ref_leaves):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_more_matches_in_one_image_leave_the_weight_of_the_others_unchanged():
+    """Adding patch matches to image 0 reweighs image 0's entries only: image 1's [CLS] (and every other
+    token of image 1) gets the same gradient."""
+    rng = np.random.default_rng(4)
+    torch.manual_seed(4)
+    B, K, grids = 2, 8, [3, 3, 2]
+    view_tokens, T = [1 + g * g for g in grids], 10
+    few = random_matches(rng, 3, grids, B)
+    few[0] = [(i, v, idx_t[:1], idx_s[:1]) for i, v, idx_t, idx_s in few[0]]  # image 0: [CLS] only
+    more = [[(i, v, np.array([0, 1, 2]), np.array([0, 1, 2])) for i, v, _, _ in few[0]], few[1]]
+    student_views = [torch.randn(B, t, K) for t in view_tokens]
+    teacher = torch.randn(2 * B, T, K)
+    grads = []
+    for matches in (few, more):
+        batch = pwd.collate_multicrop([([torch.zeros(3, 4, 4)] * 3, m) for m in matches])
+        plan = pwd.make_loss_plan(*batch[1:], view_tokens=view_tokens, teacher_tokens=T)
+        leaves = [s.clone().requires_grad_() for s in student_views]
+        make_loss(K, T, 0.04, torch.zeros(1, T, K))(gather_student(leaves, plan), teacher, plan, epoch=0)[0].backward()
+        grads.append([leaf.grad for leaf in leaves])
+    for got, want in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=1e-9)  # image 1: unchanged
+    assert not torch.allclose(grads[1][1][0, 0], grads[0][1][0, 0])  # image 0's [CLS] now shares its weight
+
+
 TWO_PROCESS_LOSS_SCRIPT = """
 import sys
 import numpy as np, torch, torch.distributed as dist
@@ -216,9 +285,9 @@ torch.manual_seed(1)
 student_views = [torch.randn(B, t, K) * 2 for t in view_tokens]
 teacher = torch.randn(2 * B, T, K) * 0.2  # (2B, T, K): global view 0 of every image, then view 1
 
-def loss_and_grads(images, over_processes):
+def loss_and_grads(images):
     batch = pwd.collate_multicrop([([torch.zeros(3, 4, 4)] * 4, matches[b]) for b in images])
-    plan = pwd.make_loss_plan(*batch[1:], view_tokens, T, counts_over_processes=over_processes)
+    plan = pwd.make_loss_plan(*batch[1:], view_tokens, T)
     leaves = [s[images].clone().requires_grad_() for s in student_views]
     loss_fn = pwd.PatchWiseDINOLoss(K, T, 0.06, 0.06, 0, nepochs=10)
     loss, _ = loss_fn(gather_student(leaves, plan), torch.cat([teacher[images], teacher[B + images]]), plan, 0)
@@ -226,9 +295,9 @@ def loss_and_grads(images, over_processes):
     return loss.detach(), [leaf.grad for leaf in leaves]
 
 mine = torch.arange(rank * B // world, (rank + 1) * B // world)
-loss, grads = loss_and_grads(mine, over_processes=True)
+loss, grads = loss_and_grads(mine)
 dist.all_reduce(loss)
-whole_loss, whole_grads = loss_and_grads(torch.arange(B), over_processes=False)  # one process, whole batch
+whole_loss, whole_grads = loss_and_grads(torch.arange(B))  # one process, whole batch
 torch.testing.assert_close(loss / world, whole_loss, rtol=1e-5, atol=1e-6)
 for grad, whole in zip(grads, whole_grads):  # DDP averages: the gradient of image b is its share / world
     torch.testing.assert_close(grad / world, whole[mine], rtol=1e-4, atol=1e-7)
@@ -236,12 +305,12 @@ print("same as one process", flush=True)
 """
 
 
-def test_two_processes_weigh_each_entry_as_one_process_with_the_whole_batch(tmp_path):
+def test_two_processes_equal_one_process_with_the_whole_batch(tmp_path):
     """Under DDP the patch loss of the global batch equals one process's loss on the whole batch (value and
     gradient), although the processes hold different numbers of matched patches."""
     rng = np.random.default_rng(1)
     counts = [sum(len(m[2]) for m in item) for item in random_matches(rng, 4, [3, 3, 2, 2], 4)]
-    assert sum(counts[:2]) != sum(counts[2:])  # the two halves differ: per-process counts would weigh wrongly
+    assert sum(counts[:2]) != sum(counts[2:])  # the halves differ: a per-process mean over entries would differ
     script = tmp_path / "two_process_loss.py"
     script.write_text(TWO_PROCESS_LOSS_SCRIPT.format(repo=REPO, tests=os.path.join(REPO, "tests")))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -484,3 +553,17 @@ def test_freed_large_blocks_are_reused_without_page_faults():
         pytest.skip("not glibc: the allocator setting does not apply")
     assert proc.returncode == 0, proc.stderr
     assert max(json.loads(proc.stdout)[5:]) < 1000, proc.stdout
+
+
+def test_defaults_are_the_authors_recipe():
+    """Without flags the run is the authors' (ViT-S/8, K = 10000, 6 images per GPU); the rest is DINO's."""
+    args = argparse.ArgumentParser(parents=[pwd.get_args_parser()]).parse_args([])
+    authors = {"arch": "vit_small", "patch_size": 8, "out_dim": 10000, "batch_size_per_gpu": 6}
+    dino = {"lr": 0.0005, "min_lr": 1e-6, "epochs": 100, "warmup_epochs": 10, "optimizer": "adamw",
+            "weight_decay": 0.04, "weight_decay_end": 0.4, "clip_grad": 3.0, "freeze_last_layer": 1,
+            "momentum_teacher": 0.996, "teacher_temp": 0.04, "warmup_teacher_temp": 0.04,
+            "warmup_teacher_temp_epochs": 0, "norm_last_layer": True, "use_bn_in_head": False, "use_fp16": True,
+            "drop_path_rate": 0.1, "local_crops_number": 8, "global_crops_scale": (0.4, 1.0),
+            "local_crops_scale": (0.05, 0.4), "global_size": 224, "local_size": 96, "resize": 256,
+            "center_momentum": 0.9, "patch_loss": True}
+    assert {name: getattr(args, name) for name in {**authors, **dino}} == {**authors, **dino}

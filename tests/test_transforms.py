@@ -86,6 +86,17 @@ def test_resize_first_and_keep_size():
     assert any(g.width > 256 for g in geoms[:2]) or any(g.left + g.width > 256 for g in geoms)
 
 
+@pytest.mark.parametrize("size", [(32, 32), (120, 90), (256, 200)])
+def test_enlarging_source_resize_is_pil_bilinear(size):
+    """An image no side of which shrinks is resized as the authors' Resize((256, 256)): PIL's bilinear."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "sample", "coffee.jpg")
+    image = np.asarray(Image.open(path).convert("RGB").resize(size, Image.BICUBIC))
+    ours = transforms.resize_source(image, 256).astype(float)  # (256, 256, 3)
+    pil = np.asarray(Image.fromarray(image).resize((256, 256), Image.BILINEAR)).astype(float)
+    assert ours.shape == (256, 256, 3)
+    assert np.abs(ours - pil).max() <= 1 and np.abs(ours - pil).mean() < 0.3
+
+
 def test_sizes_must_be_multiples_of_patch_size():
     with pytest.raises(ValueError, match="--global_size 200 .* patch size 16"):
         transforms.DataAugmentationPatchWiseDINO(global_size=200)

@@ -69,7 +69,7 @@ def make_batch(args: argparse.Namespace) -> pwd.MultiCropBatch:
     transform = pwd.DataAugmentationPatchWiseDINO(args.global_crops_scale, args.local_crops_scale,
                                                   args.local_crops_number, args.patch_size, args.global_size,
                                                   args.local_size, args.resize)
-    images = pwd.build_image_source(pwd.default_data_path())
+    images = utils.build_image_source(utils.default_data_path())
     dataset = pwd.MultiCropDataset(images, transform, args.patch_size, patch_loss=True)
     torch.manual_seed(0)
     items = [dataset[i % len(dataset)] for i in range(args.batch_size_per_gpu)]
@@ -94,7 +94,7 @@ def worker(config: dict) -> dict:
         torch.set_num_threads(config["threads"])
     utils.init_distributed_mode(args)
     if args.device.type == "cpu":
-        pwd.keep_freed_memory()  # as patch_wise_dino.main does on the CPU
+        utils.keep_freed_memory()  # as patch_wise_dino.main does on the CPU
     utils.fix_random_seeds(0)
     batch = make_batch(args)
     student, teacher = pwd.build_models(args)

@@ -41,7 +41,7 @@ def test_hidden_files_and_folders_are_not_data(hidden_layout):
     dataset = utils.build_eval_dataset(str(root), "train", None)
     assert dataset.classes == ["a"]
     assert names([p for p, _ in dataset.samples], root) == ["train/a/x.jpg"]
-    for source in (pwd.build_image_source(str(root)), pwd.build_image_source(str(root / "train"))):
+    for source in (utils.build_image_source(str(root)), utils.build_image_source(str(root / "train"))):
         assert names(source.paths, root) == ["train/a/x.jpg"]
         source[0]  # the AppleDouble file would be "cannot decode image"
 
@@ -60,7 +60,7 @@ def test_training_uses_only_train_and_says_what_it_ignored(tmp_path, capsys):
     for folder in ("train/a", "val/a", "test"):
         write_image(str(tmp_path / folder / "1.jpg"))
     write_image(str(tmp_path / "loose.jpg"))
-    source = pwd.build_image_source(str(tmp_path))
+    source = utils.build_image_source(str(tmp_path))
     assert names(source.paths, tmp_path) == ["train/a/1.jpg"]
     out = capsys.readouterr().out
     assert f"Training on {tmp_path / 'train'} only (ignored beside it: test/, val/, 1 images)" in out
@@ -70,20 +70,20 @@ def test_a_class_called_train_is_just_a_class(tmp_path):
     """CIFAR-100 or PASCAL VOC exported as class folders have a class named "train"."""
     for folder in ("apple", "bus", "train", "tulip"):
         write_image(str(tmp_path / folder / "1.jpg"))
-    assert len(pwd.build_image_source(str(tmp_path)).paths) == 4
+    assert len(utils.build_image_source(str(tmp_path)).paths) == 4
 
 
 def test_training_refuses_held_out_data_beside_other_folders(tmp_path):
     for folder in ("train/a", "val/a", "extra"):  # is extra/ a split or a class? val/ must not be trained on
         write_image(str(tmp_path / folder / "1.jpg"))
     with pytest.raises(utils.UserError, match=r"holds val \(held-out data\) beside other folders"):
-        pwd.build_image_source(str(tmp_path))
+        utils.build_image_source(str(tmp_path))
 
 
 def test_training_takes_images_beside_sub_folders_too(tmp_path, capsys):
     write_image(str(tmp_path / "top.jpg"))
     write_image(str(tmp_path / "sub" / "deeper" / "s.jpg"))
-    assert names(pwd.build_image_source(str(tmp_path)).paths, tmp_path) == ["sub/deeper/s.jpg", "top.jpg"]
+    assert names(utils.build_image_source(str(tmp_path)).paths, tmp_path) == ["sub/deeper/s.jpg", "top.jpg"]
     assert "1 images beside 1 sub-folders: training on all of them" in capsys.readouterr().out
 
 
@@ -91,7 +91,7 @@ def test_training_refuses_a_held_out_split_without_train(tmp_path):
     for folder in ("train.X1/a", "train.X2/b", "val.X/a"):  # Kaggle's ImageNet-100
         write_image(str(tmp_path / folder / "1.jpg"))
     with pytest.raises(utils.UserError, match=r"holds val\.X \(held-out data\) beside other folders: pass"):
-        pwd.build_image_source(str(tmp_path))
+        utils.build_image_source(str(tmp_path))
 
 
 @pytest.mark.parametrize("script", ["eval_knn", "eval_linear"])
@@ -128,7 +128,7 @@ def test_an_archive_is_named_as_a_file(tmp_path):
     archive = tmp_path / "imagenet.tar.gz"
     archive.write_bytes(b"\x1f\x8b not extracted")
     for build in (lambda: utils.build_eval_dataset(str(archive), "train", None),
-                  lambda: pwd.build_image_source(str(archive))):
+                  lambda: utils.build_image_source(str(archive))):
         with pytest.raises(utils.UserError, match="is a file, not a folder: extract the archive"):
             build()
 

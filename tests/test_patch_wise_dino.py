@@ -492,7 +492,7 @@ def test_lars_step_matches_formula():
     w, b = torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(3))
     w.grad, b.grad = torch.randn(3, 4), torch.randn(3)
     w0, b0, gw, gb = w.detach().clone(), b.detach().clone(), w.grad.clone(), b.grad.clone()
-    pwd.LARS([{"params": [w, b]}], lr=0.5, weight_decay=0.1, momentum=0.9, eta=0.01).step()
+    utils.LARS([{"params": [w, b]}], lr=0.5, weight_decay=0.1, momentum=0.9, eta=0.01).step()
     update = gw + 0.1 * w0
     update = update * 0.01 * w0.norm() / update.norm()
     torch.testing.assert_close(w.detach(), w0 - 0.5 * update)
@@ -539,8 +539,8 @@ def test_freed_large_blocks_are_reused_without_page_faults():
     between two places (seen in CI: [32705, 0, 32768, 0, ...]); without the setting every one faults 32768."""
     code = """if True:
         import resource, sys, torch
-        import patch_wise_dino as pwd
-        if not pwd.keep_freed_memory():
+        import utils
+        if not utils.keep_freed_memory():
             sys.exit(3)
         def faults():
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

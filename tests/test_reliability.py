@@ -5,7 +5,6 @@ Tiny settings (vit_tiny, patch 8, 32/16 px crops, 6 generated images, batch 2: 3
 """
 import argparse
 import builtins
-import functools
 import json
 import os
 import pathlib
@@ -21,6 +20,7 @@ import torch
 from PIL import Image
 
 import patch_wise_dino as pwd
+import run_control
 import utils
 from test_train_end_to_end import REPO, read_log, write_images
 
@@ -279,15 +279,15 @@ def test_resumable_sampler_continues_the_distributed_order():
     for world in (1, 3):
         for rank in range(world):
             reference = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, seed=5)
-            sampler = pwd.ResumableSampler(dataset, num_replicas=world, rank=rank, seed=5)
+            sampler = run_control.ResumableSampler(dataset, num_replicas=world, rank=rank, seed=5)
             reference.set_epoch(2)
             sampler.set_epoch(2)
             order = list(reference)
             assert [i for i, _ in sampler] == order and len(sampler) == len(order)
             sampler.set_start(2 * world)  # two samples per process done
             assert [i for i, _ in sampler] == order[2:] and len(sampler) == len(order) - 2
-    seeds = dict(pwd.ResumableSampler(dataset, 1, 0, seed=5))
-    assert len(set(seeds.values())) == 11 and seeds[4] == pwd.item_seed(5, 0, 4)
+    seeds = dict(run_control.ResumableSampler(dataset, 1, 0, seed=5))
+    assert len(set(seeds.values())) == 11 and seeds[4] == run_control.item_seed(5, 0, 4)
 
 
 def test_atomic_save_keeps_the_previous_file(tmp_path, monkeypatch):
@@ -320,9 +320,10 @@ def fake_gpus(monkeypatch, count):
     ("crop_not_multiple", "--global_size 36 is not a positive multiple of --patch_size 8"),
     ("more_gpus_than_exist", "process with local rank 1 needs a GPU but only 1 are visible: lower --nproc_per_node"),
     ("batch_larger_than_data", "has 3 images, fewer than one batch of 4 (1 processes x 4): lower --batch_size_per_gpu"),
-    ("negative_saveckp_iters", "--saveckp_iters must be >= 0, got -1"),
-    ("zero_teacher_temp", "--teacher_temp must be positive (DINO: 0.04 to 0.07), got 0.0"),
-    ("momentum_above_one", "--momentum_teacher must be in [0, 1], got 1.5"),
+    ("negative_saveckp_iters", "argument --saveckp_iters: must be >= 0, got -1"),
+    ("zero_teacher_temp", "argument --teacher_temp: must be positive (DINO: 0.04 to 0.07), got 0.0"),
+    ("momentum_above_one", "argument --momentum_teacher: must be in [0, 1], got 1.5"),
+    ("unknown_arch", "argument --arch: invalid choice: 'vit_huge'"),
 ])
 def test_bad_arguments_are_one_line_errors(tmp_path, monkeypatch, capsys, case, needle):
     write_images(tmp_path / "data", 3)
@@ -336,14 +337,15 @@ def test_bad_arguments_are_one_line_errors(tmp_path, monkeypatch, capsys, case, 
              "batch_larger_than_data": ["--batch_size_per_gpu", "4"],
              "negative_saveckp_iters": ["--saveckp_iters", "-1"],
              "zero_teacher_temp": ["--teacher_temp", "0"],
-             "momentum_above_one": ["--momentum_teacher", "1.5"]}[case]
+             "momentum_above_one": ["--momentum_teacher", "1.5"],
+             "unknown_arch": ["--arch", "vit_huge"]}[case]
     if case == "more_gpus_than_exist":
         fake_gpus(monkeypatch, 1)
-    args = parse(TINY + ["--data_path", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out"), *extra])
+    argv = TINY + ["--data_path", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out"), *extra]
     saved_print = builtins.print
     try:
-        with pytest.raises(SystemExit) as exit_info:
-            utils.run_cli(pwd.main, args)
+        with pytest.raises(SystemExit) as exit_info:  # argparse checks single flags, main the rest
+            utils.run_cli(pwd.main, utils.ArgumentParser(parents=[pwd.get_args_parser()]).parse_args(argv))
     finally:
         builtins.print = saved_print
     assert exit_info.value.code == 2
@@ -407,12 +409,12 @@ def test_each_slurm_task_uses_its_own_gpu_when_it_sees_only_that_one(monkeypatch
 DIFFERENT_STARTS_SCRIPT = """
 import argparse, sys
 sys.path.insert(0, {repo!r})
-import patch_wise_dino as pwd, utils
+import run_control, utils
 
 def main(args):
     utils.init_distributed_mode(args)
-    start = pwd.ResumePoint(epoch=2 * args.rank, samples_done=0)  # as if each node read its own --output_dir
-    pwd.check_same_start(start, f"out{{args.rank}}/checkpoint.pth", args.device)
+    start = run_control.ResumePoint(epoch=2 * args.rank, samples_done=0)  # as if each node read its own --output_dir
+    run_control.check_same_start(start, f"out{{args.rank}}/checkpoint.pth", args.device)
 
 utils.run_cli(main, argparse.Namespace(dist_url="env://"))
 """
@@ -434,22 +436,17 @@ def test_ranks_resuming_from_different_points_stop_and_every_rank_says_why(tmp_p
 def test_killed_data_workers_are_a_one_line_error_naming_the_last_checkpoint(monkeypatch):
     """torch raises a killed worker (e.g. by the out-of-memory killer) wherever the main thread is, inside
     the training step too: one line that says what to do, not a traceback; other errors pass through."""
-    def killed(*args):
-        raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. \nmore details")
-
-    sampler = argparse.Namespace(set_epoch=lambda epoch: None, set_start=lambda samples: None)
-    control = pwd.RunControl(pwd.StopFlag(), last_checkpoint="out/checkpoint.pth (epoch 3, iteration 0)")
-    train = functools.partial(pwd.train, None, argparse.Namespace(sampler=sampler), {}, argparse.Namespace(epochs=5),
-                              pwd.ResumePoint(3), control)
-    monkeypatch.setattr(pwd, "train_one_epoch", killed)
+    run = run_control.RunControl(argparse.Namespace(), same_settings=())
+    run.last_checkpoint = "out/checkpoint.pth (epoch 3, iteration 0)"
     with pytest.raises(utils.UserError) as error:
-        train()
+        with run.failures_explained():
+            raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. \nmore details")
     assert str(error.value) == ("DataLoader worker (pid 4242) is killed by signal: Killed. (out of memory?): lower "
                                 "--num_workers and run the same command to continue from the last checkpoint, "
                                 "out/checkpoint.pth (epoch 3, iteration 0)")
-    monkeypatch.setattr(pwd, "train_one_epoch", lambda *args: torch.zeros(2) @ torch.zeros(3))
     with pytest.raises(RuntimeError, match="size"):
-        train()
+        with run.failures_explained():
+            torch.zeros(2) @ torch.zeros(3)
 
 
 def test_interrupted_checkpoint_writes_leave_nothing_behind_after_a_restart(tmp_path):
@@ -480,6 +477,6 @@ def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_old_file(tmp_path, 
 
 
 def test_progress_shows_small_learning_rates():
-    logger, _ = pwd.loggers_from(None)
+    logger, _ = pwd.epoch_loggers()
     logger.update(loss=1.0, lr=1.95e-06)
     assert "lr: 1.950e-06" in str(logger)

@@ -159,25 +159,24 @@ def test_vanilla_dino_on_cifar_python_batches(tmp_path, fresh_process_group):
 
 def test_image_sources(tmp_path):
     write_images(tmp_path / "flat", 2)
-    assert isinstance(pwd.build_image_source(str(tmp_path / "flat")), pwd.ImageList)
+    assert isinstance(utils.build_image_source(str(tmp_path / "flat")), utils.ImageList)
     write_images(tmp_path / "classes" / "a", 2)
     write_images(tmp_path / "classes" / "b", 1)
-    assert len(pwd.build_image_source(str(tmp_path / "classes"))) == 3
+    assert len(utils.build_image_source(str(tmp_path / "classes"))) == 3
     write_images(tmp_path / "splits" / "train" / "a", 2)
     write_images(tmp_path / "splits" / "val" / "a", 1)
-    assert len(pwd.build_image_source(str(tmp_path / "splits"))) == 2  # train only, never val
-    image, _ = pwd.build_image_source(pwd.default_data_path())[0]  # the shipped sample photos
+    assert len(utils.build_image_source(str(tmp_path / "splits"))) == 2  # train only, never val
+    image, _ = utils.build_image_source(utils.default_data_path())[0]  # the shipped sample photos
     assert image.mode == "RGB"
     for bad in (tmp_path / "missing", tmp_path / "empty"):
         os.makedirs(tmp_path / "empty", exist_ok=True)
         with pytest.raises(utils.UserError):
-            pwd.build_image_source(str(bad))
+            utils.build_image_source(str(bad))
 
 
 @pytest.mark.parametrize("extra,message", [
     (["--global_size", "36"], "--global_size 36 is not a positive multiple of --patch_size 8"),
     (["--local_size", "20"], "--local_size 20"),
-    (["--arch", "vit_huge"], "unknown --arch 'vit_huge'"),
     (["--data_path", "/nonexistent/images"], "does not exist"),
     (["--batch_size_per_gpu", "8"], "fewer than one batch"),
 ])

@@ -567,3 +567,23 @@ def test_defaults_are_the_authors_recipe():
             "local_crops_scale": (0.05, 0.4), "global_size": 224, "local_size": 96, "resize": 256,
             "center_momentum": 0.9, "patch_loss": True}
     assert {name: getattr(args, name) for name in {**authors, **dino}} == {**authors, **dino}
+
+
+@pytest.mark.parametrize("chunk_elements", [None, 24])
+def test_chunked_loss_equals_the_reference_definition(chunk_elements):
+    """PatchWiseDINOLoss (chunked, gradient in the same pass) equals reference_loss and its autograd gradient."""
+    rng = np.random.default_rng(9)
+    torch.manual_seed(9)
+    B, K, grids = 3, 12, [3, 3, 2, 2]
+    view_tokens, T = [1 + g * g for g in grids], 10
+    batch = pwd.collate_multicrop([([torch.zeros(3, 4, 4)] * 4, m) for m in random_matches(rng, 4, grids, B)])
+    plan = pwd.make_loss_plan(*batch[1:], view_tokens=view_tokens, teacher_tokens=T)
+    student = (torch.randn(len(plan.student_rows), K) * 2).requires_grad_()
+    teacher, center = torch.randn(2 * B, T, K) * 0.3, torch.randn(1, T, K) * 0.05
+    loss, _ = make_loss(K, T, 0.05, center, chunk_elements=chunk_elements)(student, teacher, plan, epoch=0)
+    (grad,) = torch.autograd.grad(loss, student)
+    leaf = student.detach().clone().requires_grad_()
+    ref = pwd.reference_loss(leaf, teacher, plan, center, 0.05)
+    (ref_grad,) = torch.autograd.grad(ref, leaf)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-7)

@@ -294,3 +294,28 @@ def test_eval_scripts_keep_their_model_flag_defaults(script):
     for flag in expected:
         assert f"--{flag}" in help_text
     assert "official" in help_text  # what an empty --pretrained_weights loads
+
+
+def test_bounded_argparse_types():
+    at_least_1 = utils.bounded(int, low=1)
+    assert at_least_1("3") == 3
+    for text, message in (("0", "must be at least 1, got 0"), ("x", "invalid literal")):
+        with pytest.raises((argparse.ArgumentTypeError, ValueError), match=message):
+            at_least_1(text)
+    temperature = utils.bounded(float, low=0, low_open=True, hint=" (DINO: 0.04 to 0.07)")
+    with pytest.raises(argparse.ArgumentTypeError, match=r"must be positive \(DINO: 0.04 to 0.07\), got 0.0"):
+        temperature("0")
+    below_one = utils.bounded(float, low=0, high=1, high_open=True)
+    assert below_one("0") == 0.0
+    for text in ("1", "nan", "-0.1"):
+        with pytest.raises(argparse.ArgumentTypeError, match=r"must be in \[0, 1\)"):
+            below_one(text)
+
+
+def test_argument_errors_are_one_line(capsys):
+    parser = utils.ArgumentParser("prog")
+    parser.add_argument("--epochs", type=utils.bounded(int, low=1), default=1)
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--epochs", "0"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: argument --epochs: must be at least 1, got 0 (see prog --help)\n"

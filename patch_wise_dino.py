@@ -9,20 +9,12 @@ the authors' (ViT-S/8, K = 10000, 6 images per GPU); everything else is DINO's. 
 arguments, ``main`` (data, models, loss, optimizer, schedules, resume), ``train_one_epoch``, the loss and its
 center, the multi-crop data with matches.
 
-Differences from the authors' code (the README lists them too):
-- every image gets its own crops and photometric draws (theirs: one crop geometry and one set of photometric
-  parameters per batch); the data workers compute the matches and the collate function pads them;
-- the teacher head runs on every token of the global views, the student head only on the matched tokens,
-  once per (image, student token) even when that token is matched against both teacher views (same loss);
-- ``--patch_loss false`` is DINO exactly ([CLS] only, center (1, 1, K)); mixed precision through
-  ``torch.amp`` (float16 with a GradScaler, or bfloat16); collapse diagnostics in ``log.txt``;
-- long jobs (``run_control.py``): an agreed stop on SIGTERM/SIGINT after a checkpoint inside the epoch,
-  bit-identical resume, ``--saveckp_iters``, a fallback checkpoint, ``--skip_bad_images``.
+Deliberate differences from the authors' code are listed in the README (each image gets its own crops; the
+student head runs only on matched tokens, which gives the same loss); ``run_control.py`` handles long jobs.
 """
 import argparse
 import datetime
 import functools
-import itertools
 import json
 import math
 import os
@@ -100,11 +92,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "lars"],
                         help="adamw (recommended for ViTs), sgd or lars")
     parser.add_argument("--compile", default=False, type=utils.bool_flag,
-                        help="compile every transformer block and the heads with torch.compile: the same loss, "
-                             "faster steps after the first ones (which compile; so does each new crop size); on "
-                             "the CPU it needs a C++ compiler. Drop-path masks then come from another generator")
+                        help="torch.compile every block and the heads: the same loss, faster steps after the first "
+                             "(which compile); needs a C++ compiler on the CPU; drop-path masks use another generator")
     parser.add_argument("--drop_path_rate", default=0.1, type=utils.bounded(float, low=0, high=1, high_open=True),
                         help="stochastic depth rate of the student")
+    add_crop_and_data_args(parser)
+    return parser
+
+
+def add_crop_and_data_args(parser: argparse.ArgumentParser) -> None:
+    """The multi-crop, patch-loss, data, output and distribution flags of ``get_args_parser``."""
+    at_least_1, at_least_0 = utils.bounded(int, low=1), utils.bounded(int, low=0)
     # Multi-crop and the patch loss
     parser.add_argument("--global_crops_scale", default=(0.4, 1.0), type=float, nargs=2,
                         help="min and max area fraction of the global crops")
@@ -142,7 +140,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dist_url", default="env://", type=str, help="url of the distributed process group")
     parser.add_argument("--local_rank", "--local-rank", default=0, type=int,
                         help="ignored: the launcher sets LOCAL_RANK (accepted for torch.distributed.launch)")
-    return parser
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -626,34 +623,6 @@ def build_loader(args: argparse.Namespace) -> torch.utils.data.DataLoader:
 # ----------------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------------
-class MultiCropWrapper(nn.Module):
-    """Backbone on crops of several resolutions (one pass per run of equal sizes), head on chosen rows.
-
-    The backbone outputs of all views are laid out as one flat list of rows: view by view, image by
-    image, token by token ([CLS] only unless ``all_tokens``), i.e. row ``start_v + b * T_v + t``.
-    """
-
-    def __init__(self, backbone: nn.Module, head: nn.Module):
-        super().__init__()
-        self.backbone, self.head = backbone, head
-
-    def features(self, crops: Sequence[torch.Tensor], all_tokens: bool) -> torch.Tensor:
-        """Backbone outputs of all views as flat rows: (sum_v B * T_v, D)."""
-        outputs = []
-        for _, group in itertools.groupby(crops, key=lambda c: tuple(c.shape[-2:])):
-            x = torch.cat(list(group))  # (n*B, 3, H, W)
-            out = self.backbone.forward_tokens(x) if all_tokens else self.backbone(x)[:, None]  # (n*B, T, D)
-            outputs.append(out.flatten(0, 1))  # (n*B*T, D)
-        return torch.cat(outputs)
-
-    def forward(self, crops: Sequence[torch.Tensor], rows: Optional[torch.Tensor] = None,
-                all_tokens: bool = False) -> torch.Tensor:
-        feats = self.features(crops, all_tokens)  # (R, D)
-        if rows is not None:
-            feats = feats.index_select(0, rows)  # (S, D)
-        return self.head(feats)  # (S, K)
-
-
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
@@ -663,7 +632,7 @@ def cpp_compiler_available() -> bool:
     return any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++"))
 
 
-def compile_blocks(model: MultiCropWrapper, device: torch.device) -> None:
+def compile_blocks(model: vits.MultiCropWrapper, device: torch.device) -> None:
     """torch.compile every transformer block and the head in place (``Module.compile``), so state-dict keys,
     DDP and checkpoints are unchanged. The heads see a different number of tokens each step: their first
     recompilation makes that dimension dynamic instead of compiling again for every count."""
@@ -683,9 +652,9 @@ def build_models(args: argparse.Namespace) -> tuple:
     student_backbone = utils.build_backbone(args.arch, args.patch_size, drop_path_rate=args.drop_path_rate)
     teacher_backbone = utils.build_backbone(args.arch, args.patch_size)
     dim = student_backbone.embed_dim
-    student = MultiCropWrapper(student_backbone, vits.DINOHead(dim, args.out_dim, args.use_bn_in_head,
+    student = vits.MultiCropWrapper(student_backbone, vits.DINOHead(dim, args.out_dim, args.use_bn_in_head,
                                                                args.norm_last_layer))
-    teacher = MultiCropWrapper(teacher_backbone, vits.DINOHead(dim, args.out_dim, args.use_bn_in_head))
+    teacher = vits.MultiCropWrapper(teacher_backbone, vits.DINOHead(dim, args.out_dim, args.use_bn_in_head))
     student, teacher = student.to(args.device), teacher.to(args.device)
     if args.use_bn_in_head and args.device.type == "cuda":
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)

@@ -76,7 +76,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are one line, as every other error of the scripts: ``error: argument --x: ...``."""
 
     def error(self, message: str):
-        sys.stderr.write(f"error: {message} (see {self.prog} --help)\n")
+        sys.stderr.write(f"error: {message} (see --help)\n")
         sys.exit(2)
 
 

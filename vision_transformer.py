@@ -1,4 +1,4 @@
-"""Vision Transformer backbones and the DINO projection head.
+"""Vision Transformer backbones, the DINO projection head, and the multi-crop wrapper that runs them.
 
 Implements the ViT of Dosovitskiy et al. ("An Image is Worth 16x16 Words", ICLR 2021) in the
 configuration of the official DINO checkpoints (Caron et al., "Emerging Properties in
@@ -14,8 +14,9 @@ Deliberate differences from the DINO reference code:
   (`weight_g`, `weight_v`) instead of the deprecated `torch.nn.utils.weight_norm` hook, which also
   makes the head deep-copyable (the teacher is a copy of the student).
 """
+import itertools
 from functools import partial
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -337,3 +338,31 @@ class DINOHead(nn.Module):
         x = F.normalize(x, dim=-1)  # (..., bottleneck)
         x = self.last_layer(x)  # (..., out_dim)
         return x.reshape(*lead_shape, x.shape[-1])  # (..., out_dim)
+
+
+class MultiCropWrapper(nn.Module):
+    """Backbone on crops of several resolutions (one pass per run of equal sizes), head on chosen rows.
+
+    The backbone outputs of all views are laid out as one flat list of rows: view by view, image by
+    image, token by token ([CLS] only unless ``all_tokens``), i.e. row ``start_v + b * T_v + t``.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def features(self, crops: Sequence[torch.Tensor], all_tokens: bool) -> torch.Tensor:
+        """Backbone outputs of all views as flat rows: (sum_v B * T_v, D)."""
+        outputs = []
+        for _, group in itertools.groupby(crops, key=lambda c: tuple(c.shape[-2:])):
+            x = torch.cat(list(group))  # (n*B, 3, H, W)
+            out = self.backbone.forward_tokens(x) if all_tokens else self.backbone(x)[:, None]  # (n*B, T, D)
+            outputs.append(out.flatten(0, 1))  # (n*B*T, D)
+        return torch.cat(outputs)
+
+    def forward(self, crops: Sequence[torch.Tensor], rows: Optional[torch.Tensor] = None,
+                all_tokens: bool = False) -> torch.Tensor:
+        feats = self.features(crops, all_tokens)  # (R, D)
+        if rows is not None:
+            feats = feats.index_select(0, rows)  # (S, D)
+        return self.head(feats)  # (S, K)

@@ -21,6 +21,7 @@ import patch_matching
 import patch_wise_dino as pwd
 import transforms
 import utils
+import vision_transformer as vits
 from vision_transformer import DINOHead, VisionTransformer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -398,7 +399,7 @@ def test_collate_pads_and_masks():
 def tiny_wrapper(seed):
     torch.manual_seed(seed)
     backbone = VisionTransformer(img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=2)
-    return pwd.MultiCropWrapper(backbone, DINOHead(24, 40, hidden_dim=32, bottleneck_dim=16))
+    return vits.MultiCropWrapper(backbone, DINOHead(24, 40, hidden_dim=32, bottleneck_dim=16))
 
 
 def clip_reference(model, clip):

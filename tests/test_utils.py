@@ -318,4 +318,4 @@ def test_argument_errors_are_one_line(capsys):
     with pytest.raises(SystemExit) as exit_info:
         parser.parse_args(["--epochs", "0"])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err == "error: argument --epochs: must be at least 1, got 0 (see prog --help)\n"
+    assert capsys.readouterr().err == "error: argument --epochs: must be at least 1, got 0 (see --help)\n"

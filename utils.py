@@ -434,13 +434,9 @@ class LARS(torch.optim.Optimizer):
 
 
 def keep_freed_memory() -> bool:
-    """Stop glibc's malloc from handing large freed blocks back to the kernel (Linux; no-op elsewhere).
-
-    A CPU step allocates and frees tensors of hundreds of MB (the (tokens, K) head outputs, targets and
-    gradients). By default each is a fresh mmap that the kernel maps and zeroes page by page on first touch:
-    a third of a vit_tiny/16, K=65536 patch-wise step (22.7 s -> 15.6 s with this). The process keeps its
-    peak memory until it exits, which a training loop reaches every step anyway. Returns whether it applied.
-    """
+    """Keep large freed blocks in glibc's heap instead of unmapping them (Linux; returns whether it applied): a CPU
+    step frees and re-allocates (tokens, K) tensors of hundreds of MB, which the kernel would otherwise map and zero
+    afresh page by page (the quick start trains 30% faster with this: 68 s instead of 98 s on 2 cores)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         mallopt = libc.mallopt

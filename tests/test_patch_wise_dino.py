@@ -536,8 +536,9 @@ def test_compile_without_a_cpp_compiler_on_cpu_is_a_user_error(monkeypatch):
 def test_freed_large_blocks_are_reused_without_page_faults():
     """keep_freed_memory: once warm, a large tensor reuses pages of the heap instead of faulting in fresh ones
     (in a fresh process: the allocator's state in the test process depends on the tests before). The first few
-    allocations may still grow the heap: a small block can land where the freed one was, so glibc alternates
-    between two places (seen in CI: [32705, 0, 32768, 0, ...]); without the setting every one faults 32768."""
+    allocations may still grow the heap, for up to 7 of them (a small block, e.g. of torch's thread pool, can land
+    where the freed one was: seen [32705, 0, 32768, 0, ...] and [32669, 0, 32768 x 4, 0, ...]); the last 5 of 16 must
+    not fault. Without the setting every one faults 32768."""
     code = """if True:
         import resource, sys, torch
         import utils
@@ -547,13 +548,13 @@ def test_freed_large_blocks_are_reused_without_page_faults():
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             torch.ones(32 * 2 ** 20)  # 128 MB, freed at once; 32768 pages of 4 KB when mapped afresh
             return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-        print([faults() for _ in range(10)])
+        print([faults() for _ in range(16)])
     """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     if proc.returncode == 3:
         pytest.skip("not glibc: the allocator setting does not apply")
     assert proc.returncode == 0, proc.stderr
-    assert max(json.loads(proc.stdout)[5:]) < 1000, proc.stdout
+    assert max(json.loads(proc.stdout)[11:]) < 1000, proc.stdout
 
 
 def test_defaults_are_the_authors_recipe():

@@ -16,6 +16,7 @@ import random
 import re
 import sys
 import time
+import zipfile
 from collections import defaultdict, deque
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
@@ -71,26 +72,39 @@ def bool_flag(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"invalid boolean {s!r}: use true or false")
 
 
-def eval_model_args(parser: argparse.ArgumentParser, arch: str = "vit_small", patch_size: int = 16,
-                    use_cuda_flag: bool = True,
-                    default_weights: str = "the official DINO weights for --arch and --patch_size",
-                    ) -> argparse.ArgumentParser:
-    """Add the flags every evaluation script shares: the model to evaluate and the run set-up.
+def model_args(parser: argparse.ArgumentParser, arch: str = "vit_small", patch_size: int = 16,
+               use_cuda_flag: bool = True,
+               default_weights: str = "the official DINO weights for --arch and --patch_size",
+               ) -> argparse.ArgumentParser:
+    """Add the flags that choose the model: ``--pretrained_weights``, ``--arch``, ``--patch_size``,
+    ``--checkpoint_key`` and, with ``use_cuda_flag``, ``--use_cuda`` (default true: run on the GPU when one is
+    visible; false: on the CPU).
 
-    ``--pretrained_weights``, ``--arch``, ``--patch_size``, ``--checkpoint_key``, ``--num_workers``,
-    ``--dist_url``, ``--local_rank`` and, with ``use_cuda_flag``, ``--use_cuda`` (default true: run on the
-    GPU when one is visible; false: on the CPU, through ``args.force_cpu``). ``default_weights`` says what
-    an empty ``--pretrained_weights`` downloads. Returns ``parser``.
+    ``--arch`` and ``--patch_size`` default to None: ``resolve_model_args`` takes them from the checkpoint's
+    saved ``args``, else ``arch`` / ``patch_size``. ``default_weights`` says what an empty
+    ``--pretrained_weights`` downloads. Returns ``parser``.
     """
     parser.add_argument("--pretrained_weights", default="", type=str, help="Path to the weights to evaluate "
                         f"(a DINO training checkpoint or a backbone state dict); empty: download {default_weights}.")
     if use_cuda_flag:
         parser.add_argument("--use_cuda", default=True, type=bool_flag,
                             help="Run on the GPU when one is available (false: always on the CPU).")
-    parser.add_argument("--arch", default=arch, type=str, help="Architecture: vit_tiny, vit_small or vit_base.")
-    parser.add_argument("--patch_size", default=patch_size, type=int, help="Patch resolution of the model.")
+    parser.add_argument("--arch", default=None, type=str, help="Architecture: vit_tiny, vit_small or vit_base "
+                        f"(default: the one saved in the checkpoint's args, else {arch}).")
+    parser.add_argument("--patch_size", default=None, type=int, help="Patch resolution of the model (default: "
+                        f"the one saved in the checkpoint's args, else {patch_size}).")
     parser.add_argument("--checkpoint_key", default="teacher", type=str,
                         help='Key of the checkpoint to evaluate (e.g. "teacher" or "student").')
+    return parser
+
+
+def eval_model_args(parser: argparse.ArgumentParser, arch: str = "vit_small", patch_size: int = 16,
+                    use_cuda_flag: bool = True,
+                    default_weights: str = "the official DINO weights for --arch and --patch_size",
+                    ) -> argparse.ArgumentParser:
+    """Add the flags every evaluation script shares: the model to evaluate (``model_args``) and the run
+    set-up, ``--num_workers``, ``--dist_url`` and ``--local_rank``. Returns ``parser``."""
+    model_args(parser, arch, patch_size, use_cuda_flag, default_weights)
     parser.add_argument("--num_workers", default=10, type=int, help="Data loading workers per process.")
     parser.add_argument("--dist_url", default="env://", type=str, help="URL used to set up distributed "
                         "evaluation; see https://pytorch.org/docs/stable/distributed.html")
@@ -460,11 +474,13 @@ def _runs_code(name: str) -> bool:
                                                               and attr in _CODE_RUNNING_BUILTINS)
 
 
-def load_checkpoint(path: str, map_location: Any = "cpu") -> Any:
+def load_checkpoint(path: str, map_location: Any = "cpu", mmap: bool = False) -> Any:
     """Load a checkpoint as untrusted input: ``weights_only=True``, plus ``argparse.Namespace`` (DINO
     checkpoints store ``args``) and numpy scalars (other codebases store e.g. a best accuracy as one).
     A file holding other objects raises ``CheckpointRefused`` naming the first; missing, truncated or
-    corrupt files raise ``UserError``."""
+    corrupt files raise ``UserError``. With ``mmap`` the tensors of a file in torch's zip format stay on disk
+    until they are read (cheap to look at a large checkpoint's ``args``); files in the older format are
+    read whole."""
     if os.path.isdir(path):
         inside = sorted(f for f in os.listdir(path) if f.endswith((".pth", ".pt", ".tar", ".ckpt")))
         example = f" (e.g. {os.path.join(path, inside[0])})" if inside else ""
@@ -473,7 +489,8 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> Any:
         raise UserError(f"checkpoint {path} does not exist")
     try:
         with torch.serialization.safe_globals([argparse.Namespace, *_numpy_safe_globals()]):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True,
+                              mmap=mmap and zipfile.is_zipfile(path))
     except Exception as exc:  # the unpickler raises KeyError, IndexError, ... on arbitrary bytes
         message = str(exc)
         blocked = re.search(r"GLOBAL ([\w.]+)", message) if isinstance(exc, pickle.UnpicklingError) else None
@@ -504,6 +521,49 @@ def build_backbone(arch: str, patch_size: int, **kwargs: Any) -> nn.Module:
     if patch_size <= 0:
         raise UserError(f"--patch_size must be positive, got {patch_size}")
     return vits.VIT_ARCHS[arch](patch_size=patch_size, **kwargs)
+
+
+def _saved_model_args(checkpoint: Any) -> dict:
+    """``arch`` and ``patch_size`` from the ``args`` a training checkpoint saves (a Namespace, or a dict), with
+    DINO's old ``deit_*`` names read as ``vit_*`` as its ``main_dino.py`` does; empty without saved args."""
+    saved = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+    saved = vars(saved) if isinstance(saved, argparse.Namespace) else saved
+    if not isinstance(saved, dict):
+        return {}
+    found = {}
+    if isinstance(saved.get("arch"), str):
+        found["arch"] = saved["arch"].replace("deit", "vit")
+    if isinstance(saved.get("patch_size"), int) and not isinstance(saved.get("patch_size"), bool):
+        found["patch_size"] = saved["patch_size"]
+    return found
+
+
+def resolve_model_args(args: argparse.Namespace, arch: str = "vit_small", patch_size: int = 16) -> None:
+    """Fill ``args.arch`` and ``args.patch_size`` left at None (flags of ``model_args``) from the ``args`` saved in
+    the ``args.pretrained_weights`` checkpoint, else with ``arch`` / ``patch_size`` (no file: the official
+    weights; a plain state dict saves no args), and print where they came from.
+
+    A flag given explicitly that differs from the checkpoint's saved value is a ``UserError`` naming both. The
+    checkpoint is opened with ``mmap``, so its tensors are not read here."""
+    source = args.pretrained_weights
+    saved = _saved_model_args(load_checkpoint(source, mmap=True)) if source else {}
+    from_checkpoint, from_defaults = [], []
+    for name, fallback in (("arch", arch), ("patch_size", patch_size)):
+        given = getattr(args, name)
+        if given is not None and name in saved and given != saved[name]:
+            raise UserError(f"--{name} {given} contradicts {source}, whose saved args give --{name} "
+                            f"{saved[name]}: drop --{name} (or pass {saved[name]}) to evaluate that model")
+        if given is None:
+            setattr(args, name, saved.get(name, fallback))
+            (from_checkpoint if name in saved else from_defaults).append(f"--{name} {getattr(args, name)}")
+    if from_checkpoint:
+        print(f"{' and '.join(from_checkpoint)} from the checkpoint's args")
+    if from_defaults:
+        why = "not saved in the checkpoint's args" if source else "no --pretrained_weights"
+        print(f"{' and '.join(from_defaults)} by default ({why})")
+    if args.arch not in vits.VIT_ARCHS:
+        origin = " (saved in the checkpoint's args)" if args.arch == saved.get("arch") else ""
+        raise UserError(f"unknown --arch {args.arch!r}{origin}: choose one of {', '.join(vits.VIT_ARCHS)}")
 
 
 def _strip_prefixes(state_dict: dict, prefixes: Sequence[str] = ("module.", "backbone.")) -> dict:

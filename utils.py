@@ -3,8 +3,9 @@
 Distributed set-up (torchrun, SLURM, or a plain ``python`` process) and rank helpers that also answer
 without a process group, schedules, ``MetricLogger`` with ETA, checkpoint save/restore (atomic writes,
 ``weights_only=True`` reads), building a ViT from its name and loading pretrained weights (official DINO
-URLs as fallback), image decoding with clear errors, a restricted unpickler, the evaluation datasets and
-distributed feature extraction. Code with a single user stays in that user's script.
+URLs as fallback; ``--arch``/``--patch_size`` from a checkpoint's saved args), image decoding with clear errors
+and one image prepared for a ViT, a restricted unpickler, the evaluation datasets and distributed feature
+extraction. Code with a single user stays in that user's script.
 """
 import argparse
 import datetime
@@ -18,7 +19,7 @@ import sys
 import time
 import zipfile
 from collections import defaultdict, deque
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from PIL import Image
 from torch import nn
 
 import vision_transformer as vits
+from transforms import IMAGENET_MEAN, IMAGENET_STD
 
 DINO_URL = "https://dl.fbaipublicfiles.com/dino/"
 OFFICIAL_WEIGHTS = {
@@ -682,6 +684,32 @@ def open_image(path: str) -> Image.Image:
             return img.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise UserError(f"cannot decode image {path}: {exc}") from None
+
+
+def image_for_vit(path: str, image_size: Sequence[int], patch_size: int) -> Tuple[Image.Image, torch.Tensor]:
+    """Read one image for a ViT: decoded to RGB (``open_image``), resized (bicubic) to ``image_size`` = (H, W),
+    or with one value its shorter side to that size keeping the aspect ratio, then cut at the bottom and right to
+    multiples of ``patch_size``. Returns the cut image and its ImageNet-normalised tensor (3, H', W'). A missing
+    file, a file that is not an image, or a size under one patch is a ``UserError``."""
+    if len(image_size) not in (1, 2) or min(image_size) < 1:
+        raise UserError(f"--image_size takes one positive size (the shorter side) or two (height width), got "
+                        f"{' '.join(map(str, image_size))}")
+    if not os.path.isfile(path):
+        raise UserError(f"image {path} not found: pass an image file")
+    image = open_image(path)
+    if len(image_size) == 2:
+        height, width = image_size
+    else:
+        scale = image_size[0] / min(image.size)
+        width, height = max(1, round(image.width * scale)), max(1, round(image.height * scale))
+    if height < patch_size or width < patch_size:
+        raise UserError(f"{path} resized to {height}x{width} is smaller than one {patch_size}-pixel patch: raise "
+                        f"--image_size")
+    image = image.resize((width, height), Image.Resampling.BICUBIC)
+    image = image.crop((0, 0, width - width % patch_size, height - height % patch_size))
+    tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255.0  # (3, H', W')
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    return image, (tensor - mean) / std  # (3, H', W')
 
 
 def is_hidden(name: str) -> bool:

@@ -37,11 +37,14 @@ COLORMAP = "viridis"
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Visualize the [CLS] self-attention of a ViT", add_help=False)
     utils.model_args(parser, *DEFAULT_MODEL)
-    parser.add_argument("--image_path", default="test.png", type=str, help="Image to look at.")
+    parser.add_argument("--image_path", default="test.png", type=str,
+                        help="Image to look at (default: the shipped test.png).")
     parser.add_argument("--image_size", default=(480, 480), type=int, nargs="+",
-                        help="Resize the image to HEIGHT WIDTH, or with one value its shorter side to that size "
-                             "(aspect kept); it is then cut to a multiple of the patch size.")
-    parser.add_argument("--output_dir", default=".", type=str, help="Folder for the PNGs (created if needed).")
+                        help="Resize the image to HEIGHT WIDTH (default 480 480, as DINO), or with one value its "
+                             "shorter side to that size (aspect kept); then it is cut to a multiple of the patch "
+                             "size.")
+    parser.add_argument("--output_dir", default=".", type=str,
+                        help="Folder for the PNGs (created if needed; default: the current one).")
     parser.add_argument("--threshold", default=None, type=float,
                         help="Also write masks keeping, per head, the fewest patches that hold this share of the "
                              "attention mass (e.g. 0.6); default: no masks.")
@@ -92,8 +95,9 @@ def save_mask_png(image: np.ndarray, mask: np.ndarray, path: str, title: str) ->
 
 
 def save_figure(image: np.ndarray, maps: np.ndarray, masks: Optional[np.ndarray], path: str, title: str) -> None:
-    """``attention.png``: the image, then one panel per head (maps (heads, H, W)) on one colour scale with a colour
-    bar; with ``masks`` (heads, H, W) the kept regions are outlined."""
+    """``attention.png``: the image, then one panel per head (maps (heads, H, W)) on one colour scale (from the
+    smallest to the largest value of all heads) with a colour bar; with ``masks`` (heads, H, W) the kept regions
+    are outlined."""
     panels = 1 + len(maps)
     columns = min(panels, MAX_COLUMNS)
     rows = -(-panels // columns)
@@ -106,7 +110,7 @@ def save_figure(image: np.ndarray, maps: np.ndarray, masks: Optional[np.ndarray]
     shown = None
     for j, head in enumerate(maps):
         ax = axes[j + 1]
-        shown = ax.imshow(head, cmap=COLORMAP, vmin=0.0, vmax=float(maps.max()))
+        shown = ax.imshow(head, cmap=COLORMAP, vmin=float(maps.min()), vmax=float(maps.max()))
         label = f"head {j}"
         if masks is not None:
             if masks[j].any() and not masks[j].all():

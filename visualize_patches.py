@@ -46,18 +46,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Visualize the patch features of a ViT", add_help=False)
     utils.model_args(parser, *DEFAULT_MODEL)
     parser.add_argument("--image_paths", default=["test.png"], type=str, nargs="+",
-                        help="One or more images for the PCA colours; with two, also their correspondences.")
+                        help="One or more images for the PCA colours (default: the shipped test.png); with two, also "
+                             "their correspondences.")
     parser.add_argument("--image_size", default=(480,), type=int, nargs="+",
-                        help="Resize each image's shorter side to this size (aspect kept), or with two values to "
-                             "HEIGHT WIDTH; it is then cut to a multiple of the patch size.")
-    parser.add_argument("--output_dir", default=".", type=str, help="Folder for the PNGs (created if needed).")
+                        help="Resize each image's shorter side to this size (default 480; aspect kept), or with two "
+                             "values to HEIGHT WIDTH; it is then cut to a multiple of the patch size.")
+    parser.add_argument("--output_dir", default=".", type=str,
+                        help="Folder for the PNGs (created if needed; default: the current one).")
     parser.add_argument("--pca_threshold", default=None, type=float,
                         help="Remove the background: patches whose first principal component, scaled to [0, 1], "
                              "is at or below this (e.g. 0.5) are drawn black and the colours come from the rest; "
                              "default: keep every patch.")
     parser.add_argument("--topk", default=20, type=int,
                         help="With two images: how many mutual nearest-neighbour pairs to draw and print "
-                             "(the most similar; 0: none).")
+                             "(the most similar; default 20; 0: none).")
     return parser
 
 
@@ -238,7 +240,7 @@ def write_matches(images: Sequence[np.ndarray], features: Sequence[torch.Tensor]
           f"({hb}x{wb} patches); patch (row, col) is token 1 + row * width + col:")
     for rank, (a, b, sim) in enumerate(pairs):
         print(f"  {rank + 1:3d}  {str(divmod(a, wa)):>10} -> {str(divmod(b, wb)):<10} cosine {sim:.4f}")
-    spread = f"cosine {pairs[-1][2]:.2f} to {pairs[0][2]:.2f}" if pairs else "none found"
+    spread = f"cosine {pairs[-1][2]:.3f} to {pairs[0][2]:.3f}" if pairs else "none found"
     title = (f"{args.arch}/{args.patch_size}: the {len(pairs)} most similar mutual nearest neighbours among the patch "
              f"features of {names[0]} and {names[1]}\n({spread}; numbers are ranks, 1 = most similar)")
     path = os.path.join(args.output_dir, "matches.png")

@@ -29,6 +29,7 @@ QUERY_BLOCKS = (["original", "strong"] + [f"jpegqual/{q}" for q in (3, 5, 8, 10,
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 TOP_K = 20
 GEM_P = 4.0
+DEFAULT_MODEL = ("vit_base", 8)  # arch and patch size of DINO's copy-detection model, without saved args
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -44,7 +45,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "YFCC100M images). Empty: no distractors.")
     parser.add_argument("--imsize", default=320, type=int, help="Images are resized to imsize x imsize.")
     parser.add_argument("--batch_size_per_gpu", default=16, type=int, help="Batch size per process.")
-    utils.eval_model_args(parser, arch="vit_base", patch_size=8)
+    utils.eval_model_args(parser, *DEFAULT_MODEL)
     return parser
 
 
@@ -167,6 +168,7 @@ def search(queries: torch.Tensor, database: torch.Tensor, k: int, device: torch.
 def main(args: argparse.Namespace) -> dict:
     args.force_cpu = not args.use_cuda
     utils.init_distributed_mode(args)
+    utils.resolve_model_args(args, *DEFAULT_MODEL)
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     if args.imsize % args.patch_size:
         raise utils.UserError(f"--imsize {args.imsize} must be a multiple of --patch_size {args.patch_size}")

@@ -221,6 +221,7 @@ def _json_number(value: float) -> Optional[float]:
 def main(args: argparse.Namespace) -> dict:
     args.force_cpu = not args.use_cuda
     utils.init_distributed_mode(args)
+    utils.resolve_model_args(args)
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     if args.imsize < args.patch_size:
         raise utils.UserError(f"--imsize {args.imsize} is smaller than one patch ({args.patch_size})")

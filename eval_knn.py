@@ -257,7 +257,8 @@ def build_datasets(args: argparse.Namespace) -> tuple:
 
 
 def extract_feature_pipeline(args: argparse.Namespace) -> tuple:
-    """L2-normalised [CLS] features and labels of both splits (every process gets all of them)."""
+    """L2-normalised [CLS] features and labels of both splits (every process gets all of them); ``args.arch`` and
+    ``args.patch_size`` are set (``utils.resolve_model_args``)."""
     if args.crop_size % args.patch_size:
         raise utils.UserError(f"--crop_size {args.crop_size} is not a multiple of --patch_size {args.patch_size}")
     if args.resize_size < args.crop_size:
@@ -309,6 +310,8 @@ def main(args: argparse.Namespace) -> Dict[str, dict]:
     if args.use_cuda and not torch.cuda.is_available():
         raise utils.UserError("--use_cuda true but no GPU is visible: pass --use_cuda false")
     utils.init_distributed_mode(args)
+    if not args.load_features:
+        utils.resolve_model_args(args)
     print("\n".join(f"{key}: {value}" for key, value in sorted(vars(args).items())))
     if args.load_features:
         train_features, test_features, train_labels, test_labels = load_features(args.load_features)

@@ -305,8 +305,9 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def main(args: argparse.Namespace) -> Dict[str, float]:
-    check_args(args)
     utils.init_distributed_mode(args)
+    utils.resolve_model_args(args)
+    check_args(args)
     utils.fix_random_seeds(args.seed + utils.get_rank())
     torch.backends.cudnn.benchmark = True
     print("\n".join(f"{key}: {value}" for key, value in sorted(vars(args).items())))

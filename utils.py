@@ -3,8 +3,9 @@
 Distributed set-up (torchrun, SLURM, or a plain ``python`` process) and rank helpers that also answer
 without a process group, schedules, ``MetricLogger`` with ETA, checkpoint save/restore (atomic writes,
 ``weights_only=True`` reads), building a ViT from its name and loading pretrained weights (official DINO
-URLs as fallback), image decoding with clear errors, a restricted unpickler, the evaluation datasets and
-distributed feature extraction. Code with a single user stays in that user's script.
+URLs as fallback; ``--arch``/``--patch_size`` from a checkpoint's saved args), image decoding with clear errors
+and one image prepared for a ViT, a restricted unpickler, the evaluation datasets and distributed feature
+extraction. Code with a single user stays in that user's script.
 """
 import argparse
 import ctypes
@@ -17,8 +18,9 @@ import random
 import re
 import sys
 import time
+import zipfile
 from collections import defaultdict, deque
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -27,6 +29,7 @@ from PIL import Image
 from torch import nn
 
 import vision_transformer as vits
+from transforms import IMAGENET_MEAN, IMAGENET_STD
 
 DINO_URL = "https://dl.fbaipublicfiles.com/dino/"
 OFFICIAL_WEIGHTS = {
@@ -103,26 +106,39 @@ def bounded(kind: Callable[[str], Any], low: Optional[float] = None, high: Optio
     return parse
 
 
-def eval_model_args(parser: argparse.ArgumentParser, arch: str = "vit_small", patch_size: int = 16,
-                    use_cuda_flag: bool = True,
-                    default_weights: str = "the official DINO weights for --arch and --patch_size",
-                    ) -> argparse.ArgumentParser:
-    """Add the flags every evaluation script shares: the model to evaluate and the run set-up.
+def model_args(parser: argparse.ArgumentParser, arch: str = "vit_small", patch_size: int = 16,
+               use_cuda_flag: bool = True,
+               default_weights: str = "the official DINO weights for --arch and --patch_size",
+               ) -> argparse.ArgumentParser:
+    """Add the flags that choose the model: ``--pretrained_weights``, ``--arch``, ``--patch_size``,
+    ``--checkpoint_key`` and, with ``use_cuda_flag``, ``--use_cuda`` (default true: run on the GPU when one is
+    visible; false: on the CPU).
 
-    ``--pretrained_weights``, ``--arch``, ``--patch_size``, ``--checkpoint_key``, ``--num_workers``,
-    ``--dist_url``, ``--local_rank`` and, with ``use_cuda_flag``, ``--use_cuda`` (default true: run on the
-    GPU when one is visible; false: on the CPU, through ``args.force_cpu``). ``default_weights`` says what
-    an empty ``--pretrained_weights`` downloads. Returns ``parser``.
+    ``--arch`` and ``--patch_size`` default to None: ``resolve_model_args`` takes them from the checkpoint's
+    saved ``args``, else ``arch`` / ``patch_size``. ``default_weights`` says what an empty
+    ``--pretrained_weights`` downloads. Returns ``parser``.
     """
     parser.add_argument("--pretrained_weights", default="", type=str, help="Path to the weights to evaluate "
                         f"(a DINO training checkpoint or a backbone state dict); empty: download {default_weights}.")
     if use_cuda_flag:
         parser.add_argument("--use_cuda", default=True, type=bool_flag,
                             help="Run on the GPU when one is available (false: always on the CPU).")
-    parser.add_argument("--arch", default=arch, type=str, help="Architecture: vit_tiny, vit_small or vit_base.")
-    parser.add_argument("--patch_size", default=patch_size, type=int, help="Patch resolution of the model.")
+    parser.add_argument("--arch", default=None, type=str, help="Architecture: vit_tiny, vit_small or vit_base "
+                        f"(default: the one saved in the checkpoint's args, else {arch}).")
+    parser.add_argument("--patch_size", default=None, type=int, help="Patch resolution of the model (default: "
+                        f"the one saved in the checkpoint's args, else {patch_size}).")
     parser.add_argument("--checkpoint_key", default="teacher", type=str,
                         help='Key of the checkpoint to evaluate (e.g. "teacher" or "student").')
+    return parser
+
+
+def eval_model_args(parser: argparse.ArgumentParser, arch: str = "vit_small", patch_size: int = 16,
+                    use_cuda_flag: bool = True,
+                    default_weights: str = "the official DINO weights for --arch and --patch_size",
+                    ) -> argparse.ArgumentParser:
+    """Add the flags every evaluation script shares: the model to evaluate (``model_args``) and the run
+    set-up, ``--num_workers``, ``--dist_url`` and ``--local_rank``. Returns ``parser``."""
+    model_args(parser, arch, patch_size, use_cuda_flag, default_weights)
     parser.add_argument("--num_workers", default=10, type=int, help="Data loading workers per process.")
     parser.add_argument("--dist_url", default="env://", type=str, help="URL used to set up distributed "
                         "evaluation; see https://pytorch.org/docs/stable/distributed.html")
@@ -538,11 +554,13 @@ def _runs_code(name: str) -> bool:
                                                               and attr in _CODE_RUNNING_BUILTINS)
 
 
-def load_checkpoint(path: str, map_location: Any = "cpu") -> Any:
+def load_checkpoint(path: str, map_location: Any = "cpu", mmap: bool = False) -> Any:
     """Load a checkpoint as untrusted input: ``weights_only=True``, plus ``argparse.Namespace`` (DINO
     checkpoints store ``args``) and numpy scalars (other codebases store e.g. a best accuracy as one).
     A file holding other objects raises ``CheckpointRefused`` naming the first; missing, truncated or
-    corrupt files raise ``UserError``."""
+    corrupt files raise ``UserError``. With ``mmap`` the tensors of a file in torch's zip format stay on disk
+    until they are read (cheap to look at a large checkpoint's ``args``); files in the older format are
+    read whole."""
     if os.path.isdir(path):
         inside = sorted(f for f in os.listdir(path) if f.endswith((".pth", ".pt", ".tar", ".ckpt")))
         example = f" (e.g. {os.path.join(path, inside[0])})" if inside else ""
@@ -551,7 +569,8 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> Any:
         raise UserError(f"checkpoint {path} does not exist")
     try:
         with torch.serialization.safe_globals([argparse.Namespace, *_numpy_safe_globals()]):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True,
+                              mmap=mmap and zipfile.is_zipfile(path))
     except Exception as exc:  # the unpickler raises KeyError, IndexError, ... on arbitrary bytes
         message = str(exc)
         blocked = re.search(r"GLOBAL ([\w.]+)", message) if isinstance(exc, pickle.UnpicklingError) else None
@@ -582,6 +601,49 @@ def build_backbone(arch: str, patch_size: int, **kwargs: Any) -> nn.Module:
     if patch_size <= 0:
         raise UserError(f"--patch_size must be positive, got {patch_size}")
     return vits.VIT_ARCHS[arch](patch_size=patch_size, **kwargs)
+
+
+def _saved_model_args(checkpoint: Any) -> dict:
+    """``arch`` and ``patch_size`` from the ``args`` a training checkpoint saves (a Namespace, or a dict), with
+    DINO's old ``deit_*`` names read as ``vit_*`` as its ``main_dino.py`` does; empty without saved args."""
+    saved = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+    saved = vars(saved) if isinstance(saved, argparse.Namespace) else saved
+    if not isinstance(saved, dict):
+        return {}
+    found = {}
+    if isinstance(saved.get("arch"), str):
+        found["arch"] = saved["arch"].replace("deit", "vit")
+    if isinstance(saved.get("patch_size"), int) and not isinstance(saved.get("patch_size"), bool):
+        found["patch_size"] = saved["patch_size"]
+    return found
+
+
+def resolve_model_args(args: argparse.Namespace, arch: str = "vit_small", patch_size: int = 16) -> None:
+    """Fill ``args.arch`` and ``args.patch_size`` left at None (flags of ``model_args``) from the ``args`` saved in
+    the ``args.pretrained_weights`` checkpoint, else with ``arch`` / ``patch_size`` (no file: the official
+    weights; a plain state dict saves no args), and print where they came from.
+
+    A flag given explicitly that differs from the checkpoint's saved value is a ``UserError`` naming both. The
+    checkpoint is opened with ``mmap``, so its tensors are not read here."""
+    source = args.pretrained_weights
+    saved = _saved_model_args(load_checkpoint(source, mmap=True)) if source else {}
+    from_checkpoint, from_defaults = [], []
+    for name, fallback in (("arch", arch), ("patch_size", patch_size)):
+        given = getattr(args, name)
+        if given is not None and name in saved and given != saved[name]:
+            raise UserError(f"--{name} {given} contradicts {source}, whose saved args give --{name} "
+                            f"{saved[name]}: drop --{name} (or pass {saved[name]}) to evaluate that model")
+        if given is None:
+            setattr(args, name, saved.get(name, fallback))
+            (from_checkpoint if name in saved else from_defaults).append(f"--{name} {getattr(args, name)}")
+    if from_checkpoint:
+        print(f"{' and '.join(from_checkpoint)} from the checkpoint's args")
+    if from_defaults:
+        why = "not saved in the checkpoint's args" if source else "no --pretrained_weights"
+        print(f"{' and '.join(from_defaults)} by default ({why})")
+    if args.arch not in vits.VIT_ARCHS:
+        origin = " (saved in the checkpoint's args)" if args.arch == saved.get("arch") else ""
+        raise UserError(f"unknown --arch {args.arch!r}{origin}: choose one of {', '.join(vits.VIT_ARCHS)}")
 
 
 def _strip_prefixes(state_dict: dict, prefixes: Sequence[str] = ("module.", "backbone.")) -> dict:
@@ -700,6 +762,32 @@ def open_image(path: str) -> Image.Image:
             return img.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise UserError(f"cannot decode image {path}: {exc}") from None
+
+
+def image_for_vit(path: str, image_size: Sequence[int], patch_size: int) -> Tuple[Image.Image, torch.Tensor]:
+    """Read one image for a ViT: decoded to RGB (``open_image``), resized (bicubic) to ``image_size`` = (H, W),
+    or with one value its shorter side to that size keeping the aspect ratio, then cut at the bottom and right to
+    multiples of ``patch_size``. Returns the cut image and its ImageNet-normalised tensor (3, H', W'). A missing
+    file, a file that is not an image, or a size under one patch is a ``UserError``."""
+    if len(image_size) not in (1, 2) or min(image_size) < 1:
+        raise UserError(f"--image_size takes one positive size (the shorter side) or two (height width), got "
+                        f"{' '.join(map(str, image_size))}")
+    if not os.path.isfile(path):
+        raise UserError(f"image {path} not found: pass an image file")
+    image = open_image(path)
+    if len(image_size) == 2:
+        height, width = image_size
+    else:
+        scale = image_size[0] / min(image.size)
+        width, height = max(1, round(image.width * scale)), max(1, round(image.height * scale))
+    if height < patch_size or width < patch_size:
+        raise UserError(f"{path} resized to {height}x{width} is smaller than one {patch_size}-pixel patch: raise "
+                        f"--image_size")
+    image = image.resize((width, height), Image.Resampling.BICUBIC)
+    image = image.crop((0, 0, width - width % patch_size, height - height % patch_size))
+    tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255.0  # (3, H', W')
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    return image, (tensor - mean) / std  # (3, H', W')
 
 
 def is_hidden(name: str) -> bool:

@@ -275,3 +275,21 @@ def test_broken_inputs_are_clear_errors(tmp_path, mini_copydays):
         f.write(b"truncated")
     proc = run(*[broken if f == flags[1] else f for f in flags])  # from the command line: one line, status 2
     assert_one_line_error(proc, "cannot decode image", os.path.join("strong", "200100.jpg"))
+
+
+def test_model_flags_default_to_the_checkpoint_args_else_vit_base8(mini_copydays, monkeypatch):
+    _, _, _, flags, single = mini_copydays
+    drop = {i + j for i, flag in enumerate(flags) if flag in ("--arch", "--patch_size") for j in (0, 1)}
+    without_model_flags = [flag for i, flag in enumerate(flags) if i not in drop]
+    assert copydays.main(parse(without_model_flags)) == pytest.approx(last_json(single)["mAP"], abs=1e-4)
+    asked = []
+
+    def offline(url, **kwargs):
+        asked.append(url)
+        raise OSError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    weights = without_model_flags.index("--pretrained_weights")
+    with pytest.raises(copydays.utils.UserError, match="official DINO weights for vit_base/8"):
+        copydays.main(parse(without_model_flags[:weights] + without_model_flags[weights + 2:]))
+    assert asked == [copydays.utils.DINO_URL + copydays.utils.OFFICIAL_WEIGHTS[("vit_base", 8)]]

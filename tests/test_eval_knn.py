@@ -154,13 +154,56 @@ def test_missing_val_folder_is_a_one_line_error(tmp_path, image_data):
     assert_one_line_error(result, os.path.join(data, "val"), "not found")
 
 
-@pytest.mark.parametrize("flags, fragment", [(["--arch", "vit_small"], "vit_small/16"),
-                                             (["--patch_size", "8"], "patch size 16")])
-def test_checkpoint_of_another_architecture_is_a_one_line_error(image_data, flags, fragment):
+@pytest.mark.parametrize("flags, fragments", [(["--arch", "vit_small"], ("--arch vit_small", "--arch vit_tiny")),
+                                              (["--patch_size", "8"], ("--patch_size 8", "--patch_size 16"))])
+def test_flags_that_contradict_the_checkpoint_args_are_a_one_line_error(image_data, flags, fragments):
     _, data, checkpoint = image_data
     result = run_script("eval_knn.py", ["--data_path", data, "--pretrained_weights", checkpoint, *SMALL_ARGS,
                                         *flags])
-    assert_one_line_error(result, fragment, "--arch")
+    assert_one_line_error(result, "contradicts", *fragments)
+
+
+def test_state_dict_of_another_architecture_is_a_one_line_error(image_data, tmp_path):
+    """A plain state dict saves no args: the flags (or their defaults) are checked against the weights."""
+    _, data, checkpoint = image_data
+    plain = str(tmp_path / "backbone.pth")
+    torch.save(utils.load_checkpoint(checkpoint)["teacher"], plain)
+    result = run_script("eval_knn.py", ["--data_path", data, "--pretrained_weights", plain, *SMALL_ARGS,
+                                        "--patch_size", "8"])
+    assert_one_line_error(result, "patch size 16", "--arch")
+
+
+def _small_args_without_model_flags():
+    drop = {i + j for i, arg in enumerate(SMALL_ARGS) if arg in ("--arch", "--patch_size") for j in (0, 1)}
+    return [arg for i, arg in enumerate(SMALL_ARGS) if i not in drop]
+
+
+def test_model_comes_from_the_checkpoint_args_without_flags(image_data, tmp_path):
+    """A vit_tiny/8 checkpoint evaluated without --arch/--patch_size gives the features of that model; a plain
+    state dict gets vit_small/16."""
+    import vision_transformer as vits
+
+    _, data, _ = image_data
+    checkpoint = write_dino_checkpoint(str(tmp_path / "patch8.pth"), patch_size=8, seed=3)
+    dump = str(tmp_path / "features")
+    result = run_script("eval_knn.py", ["--data_path", data, "--pretrained_weights", checkpoint,
+                                        "--dump_features", dump, *_small_args_without_model_flags()])
+    last_json(result)
+    assert "--arch vit_tiny and --patch_size 8 from the checkpoint's args" in result.stdout
+    teacher = vits.vit_tiny(patch_size=8).eval()
+    state = utils.load_checkpoint(checkpoint)["teacher"]
+    teacher.load_state_dict({k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")})
+    train = eval_knn.build_datasets(argparse.Namespace(data_path=data, resize_size=32, crop_size=32))[0]
+    with torch.no_grad():
+        expected = F.normalize(teacher(torch.stack([train[i][0] for i in range(len(train))])), dim=1)  # (N, 192)
+    torch.testing.assert_close(torch.load(os.path.join(dump, "trainfeat.pth")), expected, atol=1e-5, rtol=1e-4)
+
+    plain = str(tmp_path / "vit_small16.pth")
+    torch.save(vits.vit_small(patch_size=16).state_dict(), plain)
+    result = run_script("eval_knn.py", ["--data_path", data, "--pretrained_weights", plain,
+                                        *_small_args_without_model_flags()])
+    last_json(result)
+    assert "--arch vit_small and --patch_size 16 by default" in result.stdout
 
 
 def test_empty_class_folder_is_kept_as_a_class(tmp_path, capsys):

@@ -269,7 +269,7 @@ def test_run_cli_prints_one_line_without_traceback(tmp_path):
     assert proc.stderr.strip() == "error: something is wrong: do this"
 
 
-EVAL_MODEL_FLAGS = {  # the shared block's defaults, as each script had them before utils.eval_model_args
+EVAL_MODEL_FLAGS = {  # the shared block's defaults; --arch/--patch_size fall back to these without saved args
     "eval_knn": dict(arch="vit_small", patch_size=16, use_cuda=torch.cuda.is_available()),
     "eval_linear": dict(arch="vit_small", patch_size=16),
     "eval_image_retrieval": dict(arch="vit_small", patch_size=16, use_cuda=True),
@@ -281,8 +281,9 @@ EVAL_MODEL_FLAGS = {  # the shared block's defaults, as each script had them bef
 def test_eval_scripts_keep_their_model_flag_defaults(script):
     module = __import__(script)
     parser = argparse.ArgumentParser(script, parents=[module.get_args_parser()])
+    fallback = EVAL_MODEL_FLAGS[script]
     expected = dict(pretrained_weights="", checkpoint_key="teacher", num_workers=10, dist_url="env://",
-                    local_rank=0, **EVAL_MODEL_FLAGS[script])
+                    local_rank=0, **{**fallback, "arch": None, "patch_size": None})
     defaults = vars(parser.parse_args([]))
     assert {k: defaults[k] for k in expected} == expected
     assert ("use_cuda" in defaults) == ("use_cuda" in expected)
@@ -290,10 +291,11 @@ def test_eval_scripts_keep_their_model_flag_defaults(script):
                                     + (["--use_cuda", "false"] if "use_cuda" in expected else [])))
     assert (parsed["patch_size"], parsed["num_workers"], parsed["local_rank"]) == (4, 0, 3)
     assert parsed.get("use_cuda", False) is False
-    help_text = parser.format_help()
+    help_text = " ".join(parser.format_help().split())
     for flag in expected:
         assert f"--{flag}" in help_text
     assert "official" in help_text  # what an empty --pretrained_weights loads
+    assert f"else {fallback['arch']})" in help_text and f"else {fallback['patch_size']})" in help_text
 
 
 def test_bounded_argparse_types():
@@ -319,3 +321,89 @@ def test_argument_errors_are_one_line(capsys):
         parser.parse_args(["--epochs", "0"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == "error: argument --epochs: must be at least 1, got 0 (see --help)\n"
+
+
+def _model_flags(pretrained_weights="", arch=None, patch_size=None):
+    return argparse.Namespace(pretrained_weights=pretrained_weights, arch=arch, patch_size=patch_size)
+
+
+def test_model_args_come_from_the_checkpoint_when_not_passed(tmp_path, capsys):
+    path = write_dino_checkpoint(str(tmp_path / "checkpoint.pth"), patch_size=8)
+    args = _model_flags(path)
+    utils.resolve_model_args(args)
+    assert (args.arch, args.patch_size) == ("vit_tiny", 8)
+    assert "--arch vit_tiny and --patch_size 8 from the checkpoint's args" in capsys.readouterr().out
+    args = _model_flags(path, arch="vit_tiny")  # agreeing flags are kept, the other is filled
+    utils.resolve_model_args(args, "vit_base", 16)
+    assert (args.arch, args.patch_size) == ("vit_tiny", 8)
+    assert capsys.readouterr().out.strip() == "--patch_size 8 from the checkpoint's args"
+
+
+@pytest.mark.parametrize("flags, fragments", [
+    (dict(patch_size=16), ("--patch_size 16", "--patch_size 8")),
+    (dict(arch="vit_small"), ("--arch vit_small", "--arch vit_tiny")),
+    (dict(arch="vit_tiny", patch_size=4), ("--patch_size 4", "--patch_size 8")),
+])
+def test_flags_that_contradict_the_checkpoint_are_refused_naming_both(tmp_path, flags, fragments):
+    path = write_dino_checkpoint(str(tmp_path / "checkpoint.pth"), patch_size=8)
+    with pytest.raises(utils.UserError) as error:
+        utils.resolve_model_args(_model_flags(path, **flags))
+    message = str(error.value)
+    assert "\n" not in message and "contradicts" in message and path in message
+    for fragment in fragments:
+        assert fragment in message
+
+
+def test_model_args_fall_back_without_saved_args(tmp_path, capsys):
+    path = tmp_path / "state_dict.pth"
+    torch.save(utils.build_backbone("vit_tiny", 8).state_dict(), path)  # a plain state dict: no args
+    for weights, fallback in ((str(path), ("vit_small", 16)), ("", ("vit_small", 16))):
+        args = _model_flags(weights)
+        utils.resolve_model_args(args)
+        assert (args.arch, args.patch_size) == fallback
+    args = _model_flags(str(path))
+    utils.resolve_model_args(args, "vit_base", 8)
+    assert (args.arch, args.patch_size) == ("vit_base", 8)
+    args = _model_flags(str(path), arch="vit_tiny", patch_size=8)  # nothing saved to contradict
+    utils.resolve_model_args(args)
+    assert (args.arch, args.patch_size) == ("vit_tiny", 8)
+    out = capsys.readouterr().out
+    assert "--arch vit_small and --patch_size 16 by default (not saved in the checkpoint's args)" in out
+    assert "--arch vit_small and --patch_size 16 by default (no --pretrained_weights)" in out
+
+
+def test_saved_args_of_other_codebases(tmp_path):
+    """DINO's own full checkpoints name ViT-S "deit_small" (its main_dino.py reads deit as vit); a dict of args
+    works like a Namespace; an architecture we cannot build is named as the checkpoint's."""
+    path = str(tmp_path / "checkpoint.pth")
+    for saved, expected in ((argparse.Namespace(arch="deit_small", patch_size=16), ("vit_small", 16)),
+                            ({"arch": "vit_base", "patch_size": 8}, ("vit_base", 8))):
+        torch.save({"teacher": {}, "args": saved}, path)
+        args = _model_flags(path)
+        utils.resolve_model_args(args)
+        assert (args.arch, args.patch_size) == expected
+    torch.save({"teacher": {}, "args": argparse.Namespace(arch="resnet50", patch_size=16)}, path)
+    with pytest.raises(utils.UserError, match=r"unknown --arch 'resnet50' \(saved in the checkpoint's args\)"):
+        utils.resolve_model_args(_model_flags(path))
+
+
+def test_peeking_at_the_args_maps_the_file_instead_of_reading_it(tmp_path, monkeypatch):
+    """The saved args are read with mmap (the tensors stay on disk); files in torch's old format, which
+    cannot be mapped, are read whole."""
+    zipped, legacy = str(tmp_path / "zip.pth"), str(tmp_path / "legacy.pth")
+    checkpoint = {"teacher": {"w": torch.arange(4.0)}, "args": argparse.Namespace(arch="vit_tiny", patch_size=8)}
+    torch.save(checkpoint, zipped)
+    torch.save(checkpoint, legacy, _use_new_zipfile_serialization=False)
+    real_load, mapped = torch.load, {}
+
+    def spy(path, *args, **kwargs):
+        mapped[path] = kwargs.get("mmap", False)
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    for path in (zipped, legacy):
+        args = _model_flags(path)
+        utils.resolve_model_args(args)
+        assert (args.arch, args.patch_size) == ("vit_tiny", 8)
+        assert utils.load_checkpoint(path, mmap=True)["teacher"]["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert mapped == {zipped: True, legacy: False}

@@ -122,20 +122,13 @@ def feature_setup(model: nn.Module, args: argparse.Namespace) -> Dict[str, objec
 # ----------------------------------------------------------------------------------------------------
 def build_transforms(image_size: int, resize_size: int) -> tuple:
     """Train: RandomResizedCrop + flip; val: resize (bicubic) + center crop; both ImageNet-normalised."""
-    normalize = pth_transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     train = pth_transforms.Compose([
         pth_transforms.RandomResizedCrop(image_size),
         pth_transforms.RandomHorizontalFlip(),
         pth_transforms.ToTensor(),
-        normalize,
+        pth_transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
-    val = pth_transforms.Compose([
-        pth_transforms.Resize(resize_size, interpolation=pth_transforms.InterpolationMode.BICUBIC),
-        pth_transforms.CenterCrop(image_size),
-        pth_transforms.ToTensor(),
-        normalize,
-    ])
-    return train, val
+    return train, utils.eval_transform(resize_size, image_size)
 
 
 def build_loaders(args: argparse.Namespace) -> tuple:

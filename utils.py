@@ -3,8 +3,9 @@
 Distributed set-up (torchrun, SLURM, or a plain ``python`` process) and rank helpers that also answer
 without a process group, schedules, ``MetricLogger`` with ETA, checkpoint save/restore (atomic writes,
 ``weights_only=True`` reads), building a ViT from its name and loading pretrained weights (official DINO
-URLs as fallback), image decoding with clear errors, a restricted unpickler, the evaluation datasets and
-distributed feature extraction. Code with a single user stays in that user's script.
+URLs as fallback), image decoding with clear errors, a restricted unpickler, the evaluation datasets and their
+transform, distributed feature extraction, and DINO's weighted k-NN search and vote (``eval_knn.py`` and the
+training's k-NN monitor). Code with a single user stays in that user's script.
 """
 import argparse
 import datetime
@@ -17,15 +18,17 @@ import re
 import sys
 import time
 from collections import defaultdict, deque
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
 from torch import nn
+from torchvision import transforms as pth_transforms
 
 import vision_transformer as vits
+from transforms import IMAGENET_MEAN, IMAGENET_STD
 
 DINO_URL = "https://dl.fbaipublicfiles.com/dino/"
 OFFICIAL_WEIGHTS = {
@@ -36,6 +39,8 @@ OFFICIAL_WEIGHTS = {
 }
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SIXTEEN_BIT_I_FORMATS = ("PNG", "PPM")  # formats whose Pillow mode "I" holds at most 16 bits
+KNN_CHUNK_ELEMENTS = {"cpu": 2 ** 24, "cuda": 2 ** 28}  # largest similarity block held at once (64 MiB, 1 GiB)
+KNN_MIN_TEST_ROWS = 256  # below this many test rows per block the train set is split too, to keep matmuls large
 
 
 class UserError(Exception):
@@ -782,6 +787,16 @@ def build_eval_dataset(data_path: str, split: str, transform: Optional[Callable]
     return ClassFolders(root, transform)
 
 
+def eval_transform(resize_size: int, crop_size: int) -> pth_transforms.Compose:
+    """The evaluation transform of DINO: resize the shorter side (bicubic), center crop, ImageNet normalisation."""
+    return pth_transforms.Compose([
+        pth_transforms.Resize(resize_size, interpolation=pth_transforms.InterpolationMode.BICUBIC),
+        pth_transforms.CenterCrop(crop_size),
+        pth_transforms.ToTensor(),
+        pth_transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
 def check_same_classes(train: torch.utils.data.Dataset, val: torch.utils.data.Dataset) -> None:
     """A ``UserError`` naming the classes each split lacks when train and val class lists differ."""
     train_classes, val_classes = list(train.classes), list(val.classes)
@@ -849,6 +864,150 @@ def extract_features(model: nn.Module, data_loader: torch.utils.data.DataLoader,
     if features is None:
         raise UserError("no images to extract features from")
     return features
+
+
+# ----------------------------------------------------------------------------------------------------
+# Weighted k-NN classification (DINO's protocol; eval_knn.py and the training's k-NN monitor)
+# ----------------------------------------------------------------------------------------------------
+def resolve_backend(backend: Optional[str], device: torch.device) -> str:
+    """``torch`` or ``faiss``: ``auto``/None means torch for CUDA features and faiss for CPU features."""
+    if backend in (None, "auto"):
+        return "torch" if device.type == "cuda" else "faiss"
+    if backend not in ("torch", "faiss"):
+        raise UserError(f"unknown k-NN backend {backend!r}: choose auto, torch or faiss")
+    return backend
+
+
+def _search_torch(train_features: torch.Tensor, test_features: torch.Tensor,
+                  k: int, chunk_elements: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Tiled matmul + top-k: a block of test rows against a block of train columns at a time, merging each
+    block's top-k into the running top-k, so large training sets stay compute-bound and memory-bounded."""
+    num_train, num_test = train_features.shape[0], test_features.shape[0]
+    rows = max(1, min(num_test, max(KNN_MIN_TEST_ROWS, chunk_elements // num_train)))
+    cols = max(k, chunk_elements // rows)
+    sims, indices = [], []
+    for start in range(0, num_test, rows):
+        queries = test_features[start:start + rows]  # (b, D)
+        best_sims = best_idx = None
+        for first in range(0, num_train, cols):
+            block = queries @ train_features[first:first + cols].T  # (b, c)
+            top_sims, top_idx = block.topk(min(k, block.shape[1]), dim=1)  # (b, <=k)
+            top_idx += first
+            if best_sims is not None:
+                top_sims, top_idx = torch.cat((best_sims, top_sims), 1), torch.cat((best_idx, top_idx), 1)
+                top_sims, position = top_sims.topk(k, dim=1)  # (b, k)
+                top_idx = top_idx.gather(1, position)  # (b, k)
+            best_sims, best_idx = top_sims, top_idx
+        sims.append(best_sims)
+        indices.append(best_idx)
+    return torch.cat(sims), torch.cat(indices)  # (N_test, k), most similar first
+
+
+def _search_faiss(train_features: torch.Tensor, test_features: torch.Tensor,
+                  k: int, chunk_elements: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """faiss's exact inner-product search (BLAS in cache-sized blocks) straight on the feature arrays:
+    no index, so the training features are not copied."""
+    import faiss  # imported here: only this backend needs it
+
+    database = train_features.detach().cpu().float().contiguous().numpy()  # (N_train, D), shares memory
+    queries = test_features.detach().cpu().float().contiguous()  # (N_test, D)
+    rows = max(1, chunk_elements // k)  # bounds the result arrays
+    sims, indices = [], []
+    for start in range(0, queries.shape[0], rows):
+        top_sims, top_idx = faiss.knn(queries[start:start + rows].numpy(), database, k,
+                                      metric=faiss.METRIC_INNER_PRODUCT)  # (b, k) each
+        sims.append(torch.from_numpy(top_sims))
+        indices.append(torch.from_numpy(top_idx))
+    return torch.cat(sims), torch.cat(indices).long()  # (N_test, k), most similar first
+
+
+def chunk_budget(device: torch.device, chunk_elements: Optional[int] = None) -> int:
+    """``chunk_elements``, or the default for the device (64 MiB of float32 on CPU, 1 GiB on CUDA)."""
+    return chunk_elements or KNN_CHUNK_ELEMENTS.get(device.type, KNN_CHUNK_ELEMENTS["cpu"])
+
+
+@torch.no_grad()
+def knn_search(train_features: torch.Tensor, test_features: torch.Tensor, k: int, backend: Optional[str] = None,
+               chunk_elements: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` train features of largest inner product with each test feature, most similar first.
+
+    Returns ``(similarities, indices)``, both (N_test, k), on the CPU for faiss and on the features'
+    device for torch. At most about ``chunk_elements`` similarities are held at once (default: see
+    ``chunk_budget``).
+    """
+    if train_features.dim() != 2 or test_features.dim() != 2 or train_features.shape[1] != test_features.shape[1]:
+        raise UserError(f"train and test features must be (N, D) with the same D, got "
+                              f"{tuple(train_features.shape)} and {tuple(test_features.shape)}")
+    if not 1 <= k <= train_features.shape[0]:
+        raise UserError(f"k must be in [1, {train_features.shape[0]}] (the training-set size), got {k}")
+    backend = resolve_backend(backend, train_features.device)
+    search = _search_torch if backend == "torch" else _search_faiss
+    return search(train_features, test_features.to(train_features.device), k,
+                  chunk_budget(train_features.device, chunk_elements))
+
+
+@torch.no_grad()
+def knn_vote(similarities: torch.Tensor, neighbor_labels: torch.Tensor, test_labels: torch.Tensor, k: int,
+             T: float, num_classes: int, chunk_elements: Optional[int] = None) -> Tuple[float, float]:
+    """Top-1 and top-5 accuracy (percent) of the weighted vote of the first ``k`` neighbours.
+
+    ``similarities`` and ``neighbor_labels`` are (N_test, >=k), most similar first. Each neighbour adds
+    ``exp(s / T)`` to its label's score; classes are ranked by score, ties by class index; top-5 counts
+    the first ``min(5, k, num_classes)`` predictions.
+    """
+    num_test = test_labels.shape[0]
+    if num_test == 0:
+        raise UserError("there are no test features to classify")
+    top_n = min(5, k, num_classes)
+    rows = max(1, chunk_budget(similarities.device, chunk_elements) // max(num_classes, k))
+    correct1 = correct5 = 0
+    for start in range(0, num_test, rows):
+        sims = similarities[start:start + rows, :k].float()  # (b, k)
+        labels = neighbor_labels[start:start + rows, :k].to(sims.device)  # (b, k)
+        targets = test_labels[start:start + rows].to(sims.device)  # (b,)
+        weights = ((sims - sims[:, :1]) / T).exp()  # (b, k); the first neighbour is the most similar
+        scores = torch.zeros(sims.shape[0], num_classes, device=sims.device).scatter_add_(1, labels, weights)
+        predictions = scores.sort(dim=1, descending=True, stable=True).indices[:, :top_n]  # (b, top_n)
+        hits = predictions == targets[:, None]  # (b, top_n)
+        correct1 += hits[:, 0].sum().item()
+        correct5 += hits.any(dim=1).sum().item()
+    return 100.0 * correct1 / num_test, 100.0 * correct5 / num_test
+
+
+def check_knn_labels(train_labels: torch.Tensor, test_labels: torch.Tensor, num_train: int, num_test: int,
+                  num_classes: Optional[int]) -> int:
+    """Validate the label vectors; return ``num_classes`` (default: largest label + 1)."""
+    if train_labels.shape != (num_train,) or test_labels.shape != (num_test,):
+        raise UserError(f"labels do not match the features: {num_train} train and {num_test} test "
+                              f"features, labels of shape {tuple(train_labels.shape)} and "
+                              f"{tuple(test_labels.shape)}")
+    labels = torch.cat((train_labels.cpu(), test_labels.cpu()))  # (N_train + N_test,)
+    if labels.numel() and labels.min().item() < 0:
+        raise UserError(f"labels must be non-negative, found {labels.min().item()}")
+    largest = int(labels.max().item()) if labels.numel() else 0
+    if num_classes is None:
+        return largest + 1
+    if largest >= num_classes:
+        raise UserError(f"labels must be in [0, {num_classes}), found label {largest}")
+    return num_classes
+
+
+@torch.no_grad()
+def knn_classifier(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                   test_labels: torch.Tensor, k: int, T: float, num_classes: Optional[int] = None,
+                   backend: Optional[str] = None, chunk_elements: Optional[int] = None) -> Tuple[float, float]:
+    """Weighted k-NN (DINO): top-1 and top-5 accuracy in percent.
+
+    Features are (N, D), L2-normalised (so inner product = cosine similarity); labels are (N,) integers.
+    ``k`` is clamped to the training-set size; ``num_classes`` defaults to the largest label + 1;
+    ``backend`` is ``torch``, ``faiss`` or None/``auto`` (torch on CUDA, faiss on CPU).
+    """
+    num_classes = check_knn_labels(train_labels, test_labels, train_features.shape[0], test_features.shape[0],
+                                num_classes)
+    k = min(k, train_features.shape[0])
+    similarities, indices = knn_search(train_features, test_features, k, backend, chunk_elements)
+    neighbor_labels = train_labels.to(indices.device)[indices]  # (N_test, k)
+    return knn_vote(similarities, neighbor_labels, test_labels, k, T, num_classes, chunk_elements)
 
 
 # ----------------------------------------------------------------------------------------------------

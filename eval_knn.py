@@ -58,8 +58,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--load_features", default=None, type=str, help="Folder of features saved by "
                         "--dump_features: skips the model and the data.")
     parser.add_argument("--data_path", default="/path/to/imagenet/", type=str,
-                        help="Folder with train/ and val/ (one sub-folder per class), or CIFAR-10's python "
-                        "version (cifar-10-batches-py).")
+                        help="Folder with train/ and val/ (one sub-folder per class), CIFAR-10's python "
+                        "version (cifar-10-batches-py), or MNIST-format files (train-* and t10k-*, gzipped or not).")
     utils.eval_model_args(parser, use_cuda_flag=False)
     return parser
 

@@ -59,8 +59,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resize_size", default=None, type=int, help="Val transform: the shorter side is "
                         "resized to this before the center crop (default: image_size x 256 / 224).")
     parser.add_argument("--data_path", default="/path/to/imagenet/", type=str,
-                        help="Folder with train/ and val/ (one sub-folder per class), or CIFAR-10's python "
-                        "version (cifar-10-batches-py).")
+                        help="Folder with train/ and val/ (one sub-folder per class), CIFAR-10's python "
+                        "version (cifar-10-batches-py), or MNIST-format files (train-* and t10k-*, gzipped or not).")
     parser.add_argument("--val_freq", default=1, type=int, help="Validate (and save) every val_freq epochs.")
     parser.add_argument("--output_dir", default=".", type=str, help="Where the classifier checkpoint "
                         f"({CHECKPOINT_NAME}) and log.txt are written; a run restarts from the checkpoint.")

@@ -116,8 +116,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="add the loss on matched patch tokens; false trains vanilla DINO ([CLS] only)")
     # Data, outputs, distribution
     parser.add_argument("--data_path", default=None, type=str,
-                        help="folder of images, read recursively (only its train/ when it has one), or CIFAR-10 python "
-                             "folder (default: data/sample)")
+                        help="folder of images, read recursively (only its train/ when it has one), CIFAR-10's python "
+                             "folder, or MNIST-format files (train-images-idx3-ubyte[.gz], ...) (default: data/sample)")
     parser.add_argument("--output_dir", default=".", type=str, help="where checkpoints and logs go")
     parser.add_argument("--saveckp_freq", default=20, type=int, help="keep checkpointNNNN.pth every this many epochs")
     parser.add_argument("--saveckp_iters", default=0, type=int,
@@ -191,16 +191,17 @@ class ImageList(torch.utils.data.Dataset):
 
 
 def build_image_source(data_path: str) -> torch.utils.data.Dataset:
-    """Items ``(PIL image, label)``: CIFAR-10's train batches, else every image under ``data_path``
+    """Items ``(PIL image, label)``: the training set of CIFAR-10's python batches or of MNIST-format files
+    (``utils.build_packed_dataset``), else every image under ``data_path``
     recursively (labels are not used). When the sub-folders are splits (``train`` beside ``val``, ``test``,
     ...), ``train`` is used alone and what is left out is printed; a held-out split folder (``val``,
     ``test``, Kaggle's ``val.X``) beside anything else is refused, since it would be trained on. A class
     folder that happens to be called ``train`` among other classes is just a class. Hidden files and
     folders are skipped, as in evaluation."""
     utils.require_folder(data_path)
-    cifar = utils.find_cifar10(data_path)
-    if cifar is not None:
-        return utils.CIFAR10Python(cifar, train=True)
+    packed = utils.build_packed_dataset(data_path, "train", None)
+    if packed is not None:
+        return packed
     subdirs = sorted(e.name for e in os.scandir(data_path) if e.is_dir() and not utils.is_hidden(e.name))
     loose = len(utils.list_images(data_path))
     split_of = {name: name.lower().split(".")[0] for name in subdirs}  # val.X -> val
@@ -220,7 +221,7 @@ def build_image_source(data_path: str) -> torch.utils.data.Dataset:
     paths = utils.list_images(data_path, recursive=True)
     if not paths:
         raise utils.UserError(f"no images found in --data_path {data_path}: expected class sub-folders of "
-                              f"images, images directly inside, or CIFAR-10's cifar-10-batches-py")
+                              f"images, images directly inside, CIFAR-10's cifar-10-batches-py, or MNIST-format files")
     return ImageList(paths)
 
 

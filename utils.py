@@ -9,14 +9,17 @@ training's k-NN monitor). Code with a single user stays in that user's script.
 """
 import argparse
 import datetime
+import gzip
 import json
 import math
 import os
 import pickle
 import random
 import re
+import struct
 import sys
 import time
+import zlib
 from collections import defaultdict, deque
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Tuple
 
@@ -737,6 +740,108 @@ class CIFAR10Python(torch.utils.data.Dataset):
         return (self.transform(img) if self.transform else img), self.targets[index]
 
 
+MNIST_PREFIXES = {"train": "train", "val": "t10k"}  # file-name prefix of each split of an MNIST-format folder
+
+
+def _mnist_file(folder: str, name: str) -> Optional[str]:
+    """``folder/name``, else ``folder/name.gz``, else None."""
+    for path in (os.path.join(folder, name), os.path.join(folder, name + ".gz")):
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def find_mnist(data_path: str) -> Optional[str]:
+    """``data_path`` when it holds MNIST-format images (``train-`` or ``t10k-images-idx3-ubyte``, gzipped or
+    not: MNIST, Fashion-MNIST, KMNIST), else None."""
+    if any(_mnist_file(data_path, f"{prefix}-images-idx3-ubyte") for prefix in MNIST_PREFIXES.values()):
+        return data_path
+    return None
+
+
+def read_idx(path: str, ndim: int) -> np.ndarray:
+    """The unsigned-byte array of an IDX file (the MNIST format), gunzipped when its name ends in ``.gz``.
+
+    torchvision's ``read_image_file``/``read_label_file`` read no ``.gz`` and check the header with ``assert``,
+    so this parses the format itself: a header of two zero bytes, type 0x08 (unsigned byte), ``ndim``, then
+    ``ndim`` big-endian uint32 sizes, then the data. A wrong header, a truncated file or extra bytes is a
+    ``UserError`` naming the file."""
+    try:
+        with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as exc:  # gzip raises BadGzipFile (an OSError) or EOFError
+        raise UserError(f"cannot read {path} ({exc}): the file is truncated or damaged, download it again") \
+            from None
+    start = 4 + 4 * ndim
+    if len(data) < start or data[:3] != b"\x00\x00\x08" or data[3] != ndim:
+        raise UserError(f"{path} is not an MNIST-format file of unsigned bytes with {ndim} dimension"
+                        f"{'s' if ndim > 1 else ''} (its header is {data[:4].hex() or 'missing'}, expected "
+                        f"00000801 for labels or 00000803 for images): the file is damaged or of another kind")
+    shape = struct.unpack(f">{ndim}I", data[4:start])
+    expected = start + math.prod(shape)
+    if len(data) != expected:
+        state = "truncated" if len(data) < expected else "longer than its header says"
+        raise UserError(f"{path} is {state}: its header gives {'x'.join(map(str, shape))} bytes of data "
+                        f"({expected} bytes with the header), the file holds {len(data)}: download it again")
+    return np.frombuffer(data, dtype=np.uint8, offset=start).reshape(shape)
+
+
+class MNISTFolder(torch.utils.data.Dataset):
+    """A split of an MNIST-format folder: ``train-images-idx3-ubyte`` with ``train-labels-idx1-ubyte``
+    for train, the ``t10k-`` pair for any other split, each gzipped or not. Items are ``(RGB image, label)``:
+    grayscale repeated over three channels. ``classes`` are the labels 0 .. the largest label of either
+    split (the same list for train and val, so a split that lacks a class keeps it)."""
+
+    def __init__(self, folder: str, train: bool = True, transform: Optional[Callable] = None):
+        prefix = MNIST_PREFIXES["train" if train else "val"]
+        images_path = self._require(folder, f"{prefix}-images-idx3-ubyte")
+        labels_path = self._require(folder, f"{prefix}-labels-idx1-ubyte")
+        self.data = read_idx(images_path, 3)  # (N, H, W) uint8
+        labels = read_idx(labels_path, 1)  # (N,)
+        if len(labels) != len(self.data):
+            raise UserError(f"{labels_path} holds {len(labels)} labels but {images_path} holds {len(self.data)} "
+                            f"images: both must be the same split of the same dataset")
+        if not len(labels):
+            raise UserError(f"{images_path} holds no images")
+        largest = int(labels.max())
+        for other in MNIST_PREFIXES.values():
+            other_path = _mnist_file(folder, f"{other}-labels-idx1-ubyte")
+            if other != prefix and other_path:
+                largest = max(largest, int(read_idx(other_path, 1).max(initial=0)))
+        self.targets = labels.astype(np.int64).tolist()
+        self.classes = [str(i) for i in range(largest + 1)]
+        self.transform = transform
+
+    @staticmethod
+    def _require(folder: str, name: str) -> str:
+        path = _mnist_file(folder, name)
+        if path is None:
+            raise UserError(f"{folder} holds MNIST-format files but not {name} (nor {name}.gz): the folder needs "
+                            f"train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
+                            f"t10k-labels-idx1-ubyte, gzipped or not")
+        return path
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        img = Image.fromarray(self.data[index]).convert("RGB")
+        return (self.transform(img) if self.transform else img), self.targets[index]
+
+
+def build_packed_dataset(data_path: str, split: str,
+                         transform: Optional[Callable]) -> Optional[torch.utils.data.Dataset]:
+    """CIFAR-10's python batches or MNIST-format files found at ``data_path`` (their training set for
+    ``split`` ``train``, their test set for any other), else None: a folder of image files."""
+    cifar = find_cifar10(data_path)
+    if cifar is not None:
+        return CIFAR10Python(cifar, train=split == "train", transform=transform)
+    mnist = find_mnist(data_path)
+    if mnist is not None:
+        return MNISTFolder(mnist, train=split == "train", transform=transform)
+    return None
+
+
 class ClassFolders(torch.utils.data.Dataset):
     """Items ``(image, class index)`` from one sub-folder per class, as torchvision's ``ImageFolder``
     (same ``classes``, ``class_to_idx``, ``samples``, ``targets``), but with the file rules of training:
@@ -775,15 +880,16 @@ class ClassFolders(torch.utils.data.Dataset):
 
 
 def build_eval_dataset(data_path: str, split: str, transform: Optional[Callable]) -> torch.utils.data.Dataset:
-    """``data_path/<split>`` as ``ClassFolders`` (one sub-folder per class), or CIFAR-10's python batches."""
+    """``data_path/<split>`` as ``ClassFolders`` (one sub-folder per class), or CIFAR-10's python batches, or
+    MNIST-format files (``build_packed_dataset``)."""
     require_folder(data_path)
-    cifar = find_cifar10(data_path)
-    if cifar is not None:
-        return CIFAR10Python(cifar, train=split == "train", transform=transform)
+    packed = build_packed_dataset(data_path, split, transform)
+    if packed is not None:
+        return packed
     root = os.path.join(data_path, split)
     if not os.path.isdir(root):
         raise UserError(f"{root} not found: --data_path must hold '{split}' with one sub-folder per class "
-                        f"(ImageFolder layout), or CIFAR-10's cifar-10-batches-py")
+                        f"(ImageFolder layout), CIFAR-10's cifar-10-batches-py, or MNIST-format files")
     return ClassFolders(root, transform)
 
 

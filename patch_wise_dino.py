@@ -127,6 +127,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="skip images that cannot be decoded and count them per epoch (bad_images in log.txt) "
                              "instead of stopping with the file's name")
     parser.add_argument("--seed", default=0, type=int, help="random seed")
+    # k-NN monitor
+    parser.add_argument("--knn_data_path", default=None, type=str,
+                        help="labelled dataset (any layout eval_knn.py reads) on which the teacher's weighted 20-NN "
+                             "accuracy is measured at --global_size: knn_top1/knn_top5 in log.txt (default: none)")
+    parser.add_argument("--knn_freq", default=1, type=int,
+                        help="run the k-NN monitor after every this many epochs, and after the last")
+    parser.add_argument("--knn_max_images", default=0, type=int,
+                        help="k-NN monitor on a fixed random subset of at most this many train and as many val "
+                             "images, to keep it cheap (0: all of them)")
     cpus_per_process = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     parser.add_argument("--num_workers", default=max(1, min(10, cpus_per_process)), type=int,
                         help="data loading processes per training process (default 10, or this node's CPUs "
@@ -151,12 +160,12 @@ def check_args(args: argparse.Namespace) -> None:
                         ("--local_crops_scale", args.local_crops_scale)):
         if not 0 < scale[0] <= scale[1] <= 1:
             raise utils.UserError(f"{flag} {scale[0]} {scale[1]} must satisfy 0 < min <= max <= 1")
-    for flag in ("batch_size_per_gpu", "epochs", "out_dim", "print_freq"):
+    for flag in ("batch_size_per_gpu", "epochs", "out_dim", "print_freq", "knn_freq"):
         if getattr(args, flag) < 1:
             raise utils.UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     for flag in ("local_crops_number", "resize", "num_workers", "saveckp_freq", "saveckp_iters", "seed", "lr",
                  "min_lr", "clip_grad", "weight_decay", "weight_decay_end", "drop_path_rate",
-                 "warmup_epochs", "warmup_teacher_temp_epochs", "freeze_last_layer"):
+                 "warmup_epochs", "warmup_teacher_temp_epochs", "freeze_last_layer", "knn_max_images"):
         if getattr(args, flag) < 0:
             raise utils.UserError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
     for flag in ("teacher_temp", "warmup_teacher_temp"):
@@ -1153,9 +1162,9 @@ def report_stop(control: RunControl, where: str) -> None:
 
 
 def train(state: TrainState, loader: torch.utils.data.DataLoader, schedules: dict, args: argparse.Namespace,
-          start: ResumePoint, control: RunControl) -> None:
-    """Epochs ``start.epoch`` to ``--epochs``, each ended by a ``log.txt`` line and a checkpoint; returns early
-    when a stop signal arrives (after a checkpoint)."""
+          start: ResumePoint, control: RunControl, monitor: Optional[utils.KNNMonitor] = None) -> None:
+    """Epochs ``start.epoch`` to ``--epochs``, each ended by the k-NN ``monitor`` (when due), a ``log.txt``
+    line and a checkpoint; returns early when a stop signal arrives (after a checkpoint)."""
     for epoch in range(start.epoch, args.epochs):
         resume_point = start if epoch == start.epoch else ResumePoint(epoch)
         loader.sampler.set_epoch(epoch)
@@ -1171,9 +1180,10 @@ def train(state: TrainState, loader: torch.utils.data.DataLoader, schedules: dic
         if stats is None:
             return
         bad_images = stats.pop("bad_images")
+        knn = monitor.after_epoch(state.teacher.backbone, epoch, args.device) if monitor else {}
         # The log line goes first: a run stopped between the two redoes the epoch and rewrites its line.
         utils.append_json_log(args.output_dir, {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch,
-                                                "bad_images": bad_images})
+                                                "bad_images": bad_images, **knn})
         archive = epoch if args.saveckp_freq and epoch % args.saveckp_freq == 0 else None
         control.last_checkpoint = save_checkpoint(args, state, epoch + 1, archive=archive)
         if sum_over_processes(int(control.stop.signum != 0), args.device) and epoch + 1 < args.epochs:
@@ -1222,6 +1232,8 @@ def main(args: argparse.Namespace) -> TrainState:
             json.dump(vars(args), f, indent=1, default=str)
     precision = setup_precision(args)
     loader = build_loader(args)
+    monitor = utils.KNNMonitor(args.knn_data_path, args.global_size, args.knn_freq, args.epochs, args.knn_max_images,
+                               args.batch_size_per_gpu, args.num_workers) if args.knn_data_path else None
     student, teacher = build_models(args)
     num_positions = 1 + (args.global_size // args.patch_size) ** 2 if args.patch_loss else 1
     dino_loss = PatchWiseDINOLoss(args.out_dim, num_positions, args.warmup_teacher_temp, args.teacher_temp,
@@ -1251,7 +1263,7 @@ def main(args: argparse.Namespace) -> TrainState:
     start_time = time.time()
     print(f"Starting Patch-Wise DINO training from epoch {start.epoch} to {args.epochs}")
     with control.stop:
-        train(state, loader, schedules, args, start, control)
+        train(state, loader, schedules, args, start, control, monitor)
     print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
     return state
 

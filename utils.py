@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from torchvision import transforms as pth_transforms
@@ -1114,6 +1115,91 @@ def knn_classifier(train_features: torch.Tensor, train_labels: torch.Tensor, tes
     similarities, indices = knn_search(train_features, test_features, k, backend, chunk_elements)
     neighbor_labels = train_labels.to(indices.device)[indices]  # (N_test, k)
     return knn_vote(similarities, neighbor_labels, test_labels, k, T, num_classes, chunk_elements)
+
+
+# ----------------------------------------------------------------------------------------------------
+# k-NN monitor of a training run
+# ----------------------------------------------------------------------------------------------------
+KNN_MONITOR_K, KNN_MONITOR_T = 20, 0.07  # eval_knn.py's k = 20 result, DINO's temperature
+KNN_MONITOR_SEED = 0  # the same image subset in every epoch and every run, so their curves compare
+
+
+def eval_resize_size(crop_size: int) -> int:
+    """DINO's evaluation resize for a center crop of ``crop_size``: 256 for 224, the same ratio otherwise."""
+    return round(crop_size * 256 / 224)
+
+
+def seeded_subset(dataset: torch.utils.data.Dataset, max_items: int,
+                  seed: Sequence[int]) -> Tuple[torch.utils.data.Dataset, torch.Tensor]:
+    """``dataset`` and its labels (N,), or with ``0 < max_items < len(dataset)`` a random subset of
+    ``max_items`` of its items (in dataset order, the same for the same ``seed``) and their labels."""
+    labels = torch.as_tensor(dataset.targets, dtype=torch.long)  # (N,)
+    if 0 < max_items < len(dataset):
+        keep = np.sort(np.random.default_rng(list(seed)).choice(len(dataset), max_items, replace=False))
+        dataset, labels = torch.utils.data.Subset(dataset, keep.tolist()), labels[torch.from_numpy(keep)]
+    return dataset, labels
+
+
+class KNNMonitor:
+    """The weighted k-NN accuracy of a backbone's [CLS] features (k = 20, T = 0.07), to watch a training run.
+
+    The train and val splits of ``data_path`` (any layout ``build_eval_dataset`` reads) pass through the
+    evaluation transform at ``image_size`` (resize ``eval_resize_size(image_size)``, center crop); with
+    ``max_images`` each split is cut to a fixed random subset of at most that many images. Features are
+    extracted as in ``eval_knn.py`` (split over the processes, gathered by index: every image counts once)
+    and classified by the same ``knn_classifier``, so without a cap the numbers are those of
+    ``eval_knn.py --nb_knn 20 --resize_size R --crop_size S`` on the same weights. It runs after every
+    ``freq``-th epoch and after the last of ``epochs``; every process must call it (extraction is a collective).
+    """
+
+    def __init__(self, data_path: str, image_size: int, freq: int, epochs: int, max_images: int = 0,
+                 batch_size: int = 64, num_workers: int = 0):
+        require_folder(data_path, "--knn_data_path")
+        resize = eval_resize_size(image_size)
+        train = build_eval_dataset(data_path, "train", eval_transform(resize, image_size))
+        val = build_eval_dataset(data_path, "val", eval_transform(resize, image_size))
+        check_same_classes(train, val)
+        self.splits = [seeded_subset(dataset, max_images, (KNN_MONITOR_SEED, i))  # [(dataset, labels (N,))]
+                       for i, dataset in enumerate((train, val))]
+        self.num_classes, self.freq, self.epochs = len(train.classes), freq, epochs
+        self.batch_size, self.num_workers = batch_size, num_workers
+        (train_used, _), (val_used, _) = self.splits
+        same = "" if max_images else f": the numbers of eval_knn.py --resize_size {resize} --crop_size {image_size}"
+        print(f"k-NN monitor: {len(train_used)} of {len(train)} train and {len(val_used)} of {len(val)} val images "
+              f"from {data_path}, resized to {resize} and center-cropped to {image_size}, k = {KNN_MONITOR_K}, "
+              f"every {freq} epochs and after the last{same}")
+
+    def due(self, epoch: int) -> bool:
+        """Whether the monitor runs after ``epoch`` (0-based)."""
+        return (epoch + 1) % self.freq == 0 or epoch + 1 == self.epochs
+
+    def accuracy(self, backbone: nn.Module, device: torch.device) -> Tuple[float, float]:
+        """Top-1 and top-5 accuracy (percent) of ``backbone``; its train/eval mode is left as it was."""
+        training, features = backbone.training, []
+        backbone.eval()
+        try:
+            for dataset, _ in self.splits:
+                loader = feature_loader(dataset, self.batch_size, self.num_workers)
+                feats = extract_features(backbone, loader, device, print_freq=10 ** 9)  # (N, D)
+                features.append(F.normalize(feats, dim=1).to(device))  # (N, D)
+        finally:
+            backbone.train(training)
+        (_, train_labels), (_, val_labels) = self.splits
+        return knn_classifier(features[0], train_labels.to(device), features[1], val_labels.to(device),
+                              KNN_MONITOR_K, KNN_MONITOR_T, num_classes=self.num_classes)
+
+    def after_epoch(self, backbone: nn.Module, epoch: int, device: torch.device) -> dict:
+        """``{}`` when the monitor does not run after ``epoch``; else ``knn_top1``, ``knn_top5`` and
+        ``knn_seconds`` (the time it took), also printed."""
+        if not self.due(epoch):
+            return {}
+        start = time.time()
+        top1, top5 = self.accuracy(backbone, device)
+        seconds = time.time() - start
+        print(f"k-NN monitor after epoch {epoch}: top-1 {top1:.2f}  top-5 {top5:.2f} ({KNN_MONITOR_K}-NN of "
+              f"{len(self.splits[1][0])} val among {len(self.splits[0][0])} train images, {seconds:.1f} s)",
+              flush=True)
+        return {"knn_top1": top1, "knn_top5": top5, "knn_seconds": seconds}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ def graded_digits(labels, size: int = 28, seed: int = 0) -> np.ndarray:
     square at a random place: neighbouring classes overlap, so a k-NN is neither perfect nor at chance."""
     rng = np.random.default_rng(seed)
     labels = np.asarray(labels)
-    images = 40 + 45 * labels[:, None, None] + rng.integers(-60, 61, size=(len(labels), size, size))
+    images = 70 + 15 * labels[:, None, None] + rng.integers(-60, 61, size=(len(labels), size, size))
     for image in images:
         y, x = rng.integers(0, size - 8, 2)
         image[y:y + 8, x:x + 8] += 80

@@ -1,5 +1,6 @@
 """The k-NN monitor of patch_wise_dino.py (--knn_data_path): its numbers equal eval_knn.py on the saved teacher,
-two torchrun processes give those of one, it runs when due, and training is the same with or without it.
+two torchrun processes give those of one, it runs when due, training is the same with or without it, and
+plot_logs.py draws every curve of the log it leaves.
 
 Training and monitor data are a tiny MNIST-format folder (tests/mnist_testdata.py); vit_tiny/8 at 32 px."""
 import argparse
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 import patch_wise_dino as pwd
+import plot_logs
 import utils
 from eval_testdata import last_json, run_script
 from mnist_testdata import make_mnist_folder
@@ -79,6 +81,18 @@ def test_monitor_equals_eval_knn_on_the_saved_teacher(data, monitored):
         "--nb_knn", "20", "--batch_size_per_gpu", "4", "--num_workers", "0", "--use_cuda", "false"]))
     assert (result["knn"]["20"]["top1"], result["knn"]["20"]["top5"]) == (last["knn_top1"], last["knn_top5"])
     assert 100 / 4 < last["knn_top1"] < 100  # neither chance nor perfect: a misaligned label would show
+
+
+def test_plot_logs_draws_every_curve_of_a_real_run(monitored, tmp_path):
+    """The keys plot_logs.py looks for are those the training writes."""
+    out, _ = monitored
+    args = argparse.ArgumentParser(parents=[plot_logs.get_args_parser()]).parse_args(
+        [out, "--output", str(tmp_path / "curves.png")])
+    figure = plot_logs.main(args)
+    assert len(figure.axes) == len(plot_logs.PANELS) and os.path.getsize(tmp_path / "curves.png") > 10000
+    for ax, (_, parts) in zip(figure.axes, plot_logs.PANELS):
+        curves = [line for line in ax.get_lines() if not line.get_label().startswith("ln K")]
+        assert len(curves) == len(parts), ax.get_title()
 
 
 def test_training_is_the_same_without_the_monitor(data, monitored, tmp_path):

@@ -127,15 +127,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="skip images that cannot be decoded and count them per epoch (bad_images in log.txt) "
                              "instead of stopping with the file's name")
     parser.add_argument("--seed", default=0, type=int, help="random seed")
-    # k-NN monitor
-    parser.add_argument("--knn_data_path", default=None, type=str,
-                        help="labelled dataset (any layout eval_knn.py reads) on which the teacher's weighted 20-NN "
-                             "accuracy is measured at --global_size: knn_top1/knn_top5 in log.txt (default: none)")
-    parser.add_argument("--knn_freq", default=1, type=int,
-                        help="run the k-NN monitor after every this many epochs, and after the last")
-    parser.add_argument("--knn_max_images", default=0, type=int,
-                        help="k-NN monitor on a fixed random subset of at most this many train and as many val "
-                             "images, to keep it cheap (0: all of them)")
+    utils.knn_monitor_args(parser)  # --knn_data_path, --knn_freq, --knn_max_images
     cpus_per_process = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     parser.add_argument("--num_workers", default=max(1, min(10, cpus_per_process)), type=int,
                         help="data loading processes per training process (default 10, or this node's CPUs "

@@ -1124,6 +1124,19 @@ KNN_MONITOR_K, KNN_MONITOR_T = 20, 0.07  # eval_knn.py's k = 20 result, DINO's t
 KNN_MONITOR_SEED = 0  # the same image subset in every epoch and every run, so their curves compare
 
 
+def knn_monitor_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the flags of the training's k-NN monitor (``KNNMonitor``) to ``parser``; returns it."""
+    parser.add_argument("--knn_data_path", default=None, type=str,
+                        help="labelled dataset (any layout eval_knn.py reads) on which the teacher's weighted 20-NN "
+                             "accuracy is measured at --global_size: knn_top1/knn_top5 in log.txt (default: none)")
+    parser.add_argument("--knn_freq", default=1, type=int,
+                        help="run the k-NN monitor after every this many epochs, and after the last")
+    parser.add_argument("--knn_max_images", default=0, type=int,
+                        help="k-NN monitor on a fixed random subset of at most this many train and as many val "
+                             "images, to keep it cheap (0: all of them)")
+    return parser
+
+
 def eval_resize_size(crop_size: int) -> int:
     """DINO's evaluation resize for a center crop of ``crop_size``: 256 for 224, the same ratio otherwise."""
     return round(crop_size * 256 / 224)
@@ -1164,10 +1177,11 @@ class KNNMonitor:
         self.num_classes, self.freq, self.epochs = len(train.classes), freq, epochs
         self.batch_size, self.num_workers = batch_size, num_workers
         (train_used, _), (val_used, _) = self.splits
-        same = "" if max_images else f": the numbers of eval_knn.py --resize_size {resize} --crop_size {image_size}"
+        whole = len(train_used) == len(train) and len(val_used) == len(val)
+        same = f": the numbers of eval_knn.py --resize_size {resize} --crop_size {image_size}" if whole else ""
         print(f"k-NN monitor: {len(train_used)} of {len(train)} train and {len(val_used)} of {len(val)} val images "
               f"from {data_path}, resized to {resize} and center-cropped to {image_size}, k = {KNN_MONITOR_K}, "
-              f"every {freq} epochs and after the last{same}")
+              f"after {'every epoch' if freq == 1 else f'every {freq} epochs and after the last'}{same}")
 
     def due(self, epoch: int) -> bool:
         """Whether the monitor runs after ``epoch`` (0-based)."""

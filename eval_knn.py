@@ -16,22 +16,21 @@ Deliberate differences from the reference:
 - votes are computed as ``exp((s - s_max) / T)``, which ranks classes exactly as ``exp(s / T)`` but cannot
   overflow on features that are not normalised;
 - the last line of stdout is a JSON object with every accuracy.
+
+The search and the vote live in ``utils.py`` (``knn_search``, ``knn_vote``, ``knn_classifier``), shared with the
+k-NN monitor of ``patch_wise_dino.py``.
 """
 import argparse
 import json
 import os
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
-from torchvision import transforms as pth_transforms
 
 import utils
-from transforms import IMAGENET_MEAN, IMAGENET_STD
 
 FEATURE_FILES = ("trainfeat.pth", "testfeat.pth", "trainlabels.pth", "testlabels.pth")
-CHUNK_ELEMENTS = {"cpu": 2 ** 24, "cuda": 2 ** 28}  # largest similarity block held at once (64 MiB, 1 GiB)
-MIN_TEST_ROWS = 256  # below this many test rows per block the train set is split too, to keep matmuls large
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -59,175 +58,34 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--load_features", default=None, type=str, help="Folder of features saved by "
                         "--dump_features: skips the model and the data.")
     parser.add_argument("--data_path", default="/path/to/imagenet/", type=str,
-                        help="Folder with train/ and val/ (one sub-folder per class), or CIFAR-10's python "
-                        "version (cifar-10-batches-py).")
+                        help="Folder with train/ and val/ (one sub-folder per class), CIFAR-10's python "
+                        "version (cifar-10-batches-py), or MNIST-format files (train-* and t10k-*, gzipped or not).")
     utils.eval_model_args(parser, use_cuda_flag=False)
     return parser
 
 
 # ----------------------------------------------------------------------------------------------------
-# k-NN classifier
+# k-NN evaluation
 # ----------------------------------------------------------------------------------------------------
-def resolve_backend(backend: Optional[str], device: torch.device) -> str:
-    """``torch`` or ``faiss``: ``auto``/None means torch for CUDA features and faiss for CPU features."""
-    if backend in (None, "auto"):
-        return "torch" if device.type == "cuda" else "faiss"
-    if backend not in ("torch", "faiss"):
-        raise utils.UserError(f"unknown k-NN backend {backend!r}: choose auto, torch or faiss")
-    return backend
-
-
-def _search_torch(train_features: torch.Tensor, test_features: torch.Tensor,
-                  k: int, chunk_elements: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Tiled matmul + top-k: a block of test rows against a block of train columns at a time, merging each
-    block's top-k into the running top-k, so large training sets stay compute-bound and memory-bounded."""
-    num_train, num_test = train_features.shape[0], test_features.shape[0]
-    rows = max(1, min(num_test, max(MIN_TEST_ROWS, chunk_elements // num_train)))
-    cols = max(k, chunk_elements // rows)
-    sims, indices = [], []
-    for start in range(0, num_test, rows):
-        queries = test_features[start:start + rows]  # (b, D)
-        best_sims = best_idx = None
-        for first in range(0, num_train, cols):
-            block = queries @ train_features[first:first + cols].T  # (b, c)
-            top_sims, top_idx = block.topk(min(k, block.shape[1]), dim=1)  # (b, <=k)
-            top_idx += first
-            if best_sims is not None:
-                top_sims, top_idx = torch.cat((best_sims, top_sims), 1), torch.cat((best_idx, top_idx), 1)
-                top_sims, position = top_sims.topk(k, dim=1)  # (b, k)
-                top_idx = top_idx.gather(1, position)  # (b, k)
-            best_sims, best_idx = top_sims, top_idx
-        sims.append(best_sims)
-        indices.append(best_idx)
-    return torch.cat(sims), torch.cat(indices)  # (N_test, k), most similar first
-
-
-def _search_faiss(train_features: torch.Tensor, test_features: torch.Tensor,
-                  k: int, chunk_elements: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """faiss's exact inner-product search (BLAS in cache-sized blocks) straight on the feature arrays:
-    no index, so the training features are not copied."""
-    import faiss  # imported here: only this backend needs it
-
-    database = train_features.detach().cpu().float().contiguous().numpy()  # (N_train, D), shares memory
-    queries = test_features.detach().cpu().float().contiguous()  # (N_test, D)
-    rows = max(1, chunk_elements // k)  # bounds the result arrays
-    sims, indices = [], []
-    for start in range(0, queries.shape[0], rows):
-        top_sims, top_idx = faiss.knn(queries[start:start + rows].numpy(), database, k,
-                                      metric=faiss.METRIC_INNER_PRODUCT)  # (b, k) each
-        sims.append(torch.from_numpy(top_sims))
-        indices.append(torch.from_numpy(top_idx))
-    return torch.cat(sims), torch.cat(indices).long()  # (N_test, k), most similar first
-
-
-def chunk_budget(device: torch.device, chunk_elements: Optional[int] = None) -> int:
-    """``chunk_elements``, or the default for the device (64 MiB of float32 on CPU, 1 GiB on CUDA)."""
-    return chunk_elements or CHUNK_ELEMENTS.get(device.type, CHUNK_ELEMENTS["cpu"])
-
-
-@torch.no_grad()
-def knn_search(train_features: torch.Tensor, test_features: torch.Tensor, k: int, backend: Optional[str] = None,
-               chunk_elements: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` train features of largest inner product with each test feature, most similar first.
-
-    Returns ``(similarities, indices)``, both (N_test, k), on the CPU for faiss and on the features'
-    device for torch. At most about ``chunk_elements`` similarities are held at once (default: see
-    ``chunk_budget``).
-    """
-    if train_features.dim() != 2 or test_features.dim() != 2 or train_features.shape[1] != test_features.shape[1]:
-        raise utils.UserError(f"train and test features must be (N, D) with the same D, got "
-                              f"{tuple(train_features.shape)} and {tuple(test_features.shape)}")
-    if not 1 <= k <= train_features.shape[0]:
-        raise utils.UserError(f"k must be in [1, {train_features.shape[0]}] (the training-set size), got {k}")
-    backend = resolve_backend(backend, train_features.device)
-    search = _search_torch if backend == "torch" else _search_faiss
-    return search(train_features, test_features.to(train_features.device), k,
-                  chunk_budget(train_features.device, chunk_elements))
-
-
-@torch.no_grad()
-def knn_vote(similarities: torch.Tensor, neighbor_labels: torch.Tensor, test_labels: torch.Tensor, k: int,
-             T: float, num_classes: int, chunk_elements: Optional[int] = None) -> Tuple[float, float]:
-    """Top-1 and top-5 accuracy (percent) of the weighted vote of the first ``k`` neighbours.
-
-    ``similarities`` and ``neighbor_labels`` are (N_test, >=k), most similar first. Each neighbour adds
-    ``exp(s / T)`` to its label's score; classes are ranked by score, ties by class index; top-5 counts
-    the first ``min(5, k, num_classes)`` predictions.
-    """
-    num_test = test_labels.shape[0]
-    if num_test == 0:
-        raise utils.UserError("there are no test features to classify")
-    top_n = min(5, k, num_classes)
-    rows = max(1, chunk_budget(similarities.device, chunk_elements) // max(num_classes, k))
-    correct1 = correct5 = 0
-    for start in range(0, num_test, rows):
-        sims = similarities[start:start + rows, :k].float()  # (b, k)
-        labels = neighbor_labels[start:start + rows, :k].to(sims.device)  # (b, k)
-        targets = test_labels[start:start + rows].to(sims.device)  # (b,)
-        weights = ((sims - sims[:, :1]) / T).exp()  # (b, k); the first neighbour is the most similar
-        scores = torch.zeros(sims.shape[0], num_classes, device=sims.device).scatter_add_(1, labels, weights)
-        predictions = scores.sort(dim=1, descending=True, stable=True).indices[:, :top_n]  # (b, top_n)
-        hits = predictions == targets[:, None]  # (b, top_n)
-        correct1 += hits[:, 0].sum().item()
-        correct5 += hits.any(dim=1).sum().item()
-    return 100.0 * correct1 / num_test, 100.0 * correct5 / num_test
-
-
-def _check_labels(train_labels: torch.Tensor, test_labels: torch.Tensor, num_train: int, num_test: int,
-                  num_classes: Optional[int]) -> int:
-    """Validate the label vectors; return ``num_classes`` (default: largest label + 1)."""
-    if train_labels.shape != (num_train,) or test_labels.shape != (num_test,):
-        raise utils.UserError(f"labels do not match the features: {num_train} train and {num_test} test "
-                              f"features, labels of shape {tuple(train_labels.shape)} and "
-                              f"{tuple(test_labels.shape)}")
-    labels = torch.cat((train_labels.cpu(), test_labels.cpu()))  # (N_train + N_test,)
-    if labels.numel() and labels.min().item() < 0:
-        raise utils.UserError(f"labels must be non-negative, found {labels.min().item()}")
-    largest = int(labels.max().item()) if labels.numel() else 0
-    if num_classes is None:
-        return largest + 1
-    if largest >= num_classes:
-        raise utils.UserError(f"labels must be in [0, {num_classes}), found label {largest}")
-    return num_classes
-
-
-@torch.no_grad()
-def knn_classifier(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
-                   test_labels: torch.Tensor, k: int, T: float, num_classes: Optional[int] = None,
-                   backend: Optional[str] = None, chunk_elements: Optional[int] = None) -> Tuple[float, float]:
-    """Weighted k-NN (DINO): top-1 and top-5 accuracy in percent.
-
-    Features are (N, D), L2-normalised (so inner product = cosine similarity); labels are (N,) integers.
-    ``k`` is clamped to the training-set size; ``num_classes`` defaults to the largest label + 1;
-    ``backend`` is ``torch``, ``faiss`` or None/``auto`` (torch on CUDA, faiss on CPU).
-    """
-    num_classes = _check_labels(train_labels, test_labels, train_features.shape[0], test_features.shape[0],
-                                num_classes)
-    k = min(k, train_features.shape[0])
-    similarities, indices = knn_search(train_features, test_features, k, backend, chunk_elements)
-    neighbor_labels = train_labels.to(indices.device)[indices]  # (N_test, k)
-    return knn_vote(similarities, neighbor_labels, test_labels, k, T, num_classes, chunk_elements)
-
-
 def evaluate_knn(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
                  test_labels: torch.Tensor, nb_knn: list, T: float, backend: Optional[str] = None) -> Dict[str, dict]:
     """Accuracies for every k of ``nb_knn`` from one search for the largest k: ``{"k": {"top1", "top5"}}``."""
     num_train = train_features.shape[0]
     if num_train == 0:
         raise utils.UserError("there are no train features to search")
-    num_classes = _check_labels(train_labels, test_labels, num_train, test_features.shape[0], None)
+    num_classes = utils.check_knn_labels(train_labels, test_labels, num_train, test_features.shape[0], None)
     max_k = min(max(nb_knn), num_train)
-    backend = resolve_backend(backend, train_features.device)
+    backend = utils.resolve_backend(backend, train_features.device)
     where = "cpu" if backend == "faiss" else train_features.device.type
     print(f"Searching the {max_k} nearest neighbours of {test_features.shape[0]} test images among {num_train} "
           f"train images ({backend} on {where}, {num_classes} classes)")
-    similarities, indices = knn_search(train_features, test_features, max_k, backend)
+    similarities, indices = utils.knn_search(train_features, test_features, max_k, backend)
     neighbor_labels = train_labels.to(indices.device)[indices]  # (N_test, max_k)
     results = {}
     for k in nb_knn:
         if k > num_train:
             print(f"k={k} is larger than the {num_train} training images: using k={num_train}")
-        top1, top5 = knn_vote(similarities, neighbor_labels, test_labels, min(k, num_train), T, num_classes)
+        top1, top5 = utils.knn_vote(similarities, neighbor_labels, test_labels, min(k, num_train), T, num_classes)
         print(f"{k}-NN classifier result: Top1: {top1}, Top5: {top5}")
         results[str(k)] = {"top1": top1, "top5": top5}
     return results
@@ -236,19 +94,9 @@ def evaluate_knn(train_features: torch.Tensor, train_labels: torch.Tensor, test_
 # ----------------------------------------------------------------------------------------------------
 # Features
 # ----------------------------------------------------------------------------------------------------
-def val_transform(resize_size: int, crop_size: int) -> pth_transforms.Compose:
-    """Resize the shorter side (bicubic), center crop, ImageNet normalisation."""
-    return pth_transforms.Compose([
-        pth_transforms.Resize(resize_size, interpolation=pth_transforms.InterpolationMode.BICUBIC),
-        pth_transforms.CenterCrop(crop_size),
-        pth_transforms.ToTensor(),
-        pth_transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
-
-
 def build_datasets(args: argparse.Namespace) -> tuple:
     """Train and val datasets with the val transform; their class lists must agree."""
-    transform = val_transform(args.resize_size, args.crop_size)
+    transform = utils.eval_transform(args.resize_size, args.crop_size)
     dataset_train = utils.build_eval_dataset(args.data_path, "train", transform)
     dataset_val = utils.build_eval_dataset(args.data_path, "val", transform)
     utils.check_same_classes(dataset_train, dataset_val)

@@ -59,8 +59,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resize_size", default=None, type=int, help="Val transform: the shorter side is "
                         "resized to this before the center crop (default: image_size x 256 / 224).")
     parser.add_argument("--data_path", default="/path/to/imagenet/", type=str,
-                        help="Folder with train/ and val/ (one sub-folder per class), or CIFAR-10's python "
-                        "version (cifar-10-batches-py).")
+                        help="Folder with train/ and val/ (one sub-folder per class), CIFAR-10's python "
+                        "version (cifar-10-batches-py), or MNIST-format files (train-* and t10k-*, gzipped or not).")
     parser.add_argument("--val_freq", default=1, type=int, help="Validate (and save) every val_freq epochs.")
     parser.add_argument("--output_dir", default=".", type=str, help="Where the classifier checkpoint "
                         f"({CHECKPOINT_NAME}) and log.txt are written; a run restarts from the checkpoint.")
@@ -122,20 +122,13 @@ def feature_setup(model: nn.Module, args: argparse.Namespace) -> Dict[str, objec
 # ----------------------------------------------------------------------------------------------------
 def build_transforms(image_size: int, resize_size: int) -> tuple:
     """Train: RandomResizedCrop + flip; val: resize (bicubic) + center crop; both ImageNet-normalised."""
-    normalize = pth_transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     train = pth_transforms.Compose([
         pth_transforms.RandomResizedCrop(image_size),
         pth_transforms.RandomHorizontalFlip(),
         pth_transforms.ToTensor(),
-        normalize,
+        pth_transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
-    val = pth_transforms.Compose([
-        pth_transforms.Resize(resize_size, interpolation=pth_transforms.InterpolationMode.BICUBIC),
-        pth_transforms.CenterCrop(image_size),
-        pth_transforms.ToTensor(),
-        normalize,
-    ])
-    return train, val
+    return train, utils.eval_transform(resize_size, image_size)
 
 
 def build_loaders(args: argparse.Namespace) -> tuple:

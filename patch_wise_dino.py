@@ -120,8 +120,8 @@ def add_crop_and_data_args(parser: argparse.ArgumentParser) -> None:
                         help="add the loss on matched patch tokens; false trains vanilla DINO ([CLS] only)")
     # Data, outputs, distribution
     parser.add_argument("--data_path", default=None, type=str,
-                        help="folder of images, read recursively (only its train/ when it has one), or CIFAR-10 python "
-                             "folder (default: data/sample)")
+                        help="folder of images, read recursively (only its train/ when it has one), CIFAR-10's python "
+                             "folder, or MNIST-format files (train-images-idx3-ubyte[.gz], ...) (default: data/sample)")
     parser.add_argument("--output_dir", default=".", type=str, help="where checkpoints and logs go")
     parser.add_argument("--saveckp_freq", default=20, type=at_least_0,
                         help="keep checkpointNNNN.pth every this many epochs")
@@ -132,6 +132,7 @@ def add_crop_and_data_args(parser: argparse.ArgumentParser) -> None:
                         help="skip images that cannot be decoded and count them per epoch (bad_images in log.txt) "
                              "instead of stopping with the file's name")
     parser.add_argument("--seed", default=0, type=at_least_0, help="random seed")
+    utils.knn_monitor_args(parser)  # --knn_data_path, --knn_freq, --knn_max_images
     cpus_per_process = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     parser.add_argument("--num_workers", default=max(1, min(10, cpus_per_process)), type=at_least_0,
                         help="data loading processes per training process (default 10, or this node's CPUs "
@@ -174,6 +175,8 @@ def main(args: argparse.Namespace) -> "TrainState":
 
     # ============ data, student and teacher, loss, optimizer, schedules ... ============
     loader = build_loader(args)
+    monitor = utils.KNNMonitor(args.knn_data_path, args.global_size, args.knn_freq, args.epochs, args.knn_max_images,
+                               args.batch_size_per_gpu, args.num_workers) if args.knn_data_path else None
     student, teacher = build_models(args)
     num_positions = 1 + (args.global_size // args.patch_size) ** 2 if args.patch_loss else 1
     dino_loss = PatchWiseDINOLoss(args.out_dim, num_positions, args.warmup_teacher_temp, args.teacher_temp,
@@ -196,7 +199,10 @@ def main(args: argparse.Namespace) -> "TrainState":
     with run, run.failures_explained():
         for epoch in run.epochs(loader.sampler):
             train_stats = train_one_epoch(state, loader, schedules, epoch, args, run)
-            if run.stopped or not run.end_epoch(epoch, {f"train_{k}": v for k, v in train_stats.items()}):
+            if run.stopped:
+                break
+            knn = monitor.after_epoch(teacher.backbone, epoch, args.device) if monitor else {}
+            if not run.end_epoch(epoch, {**{f"train_{k}": v for k, v in train_stats.items()}, **knn}):
                 break
     print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
     return state

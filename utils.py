@@ -4,29 +4,35 @@ Distributed set-up (torchrun, SLURM, or a plain ``python`` process) and rank hel
 without a process group, schedules, ``MetricLogger`` with ETA, checkpoint save/restore (atomic writes,
 ``weights_only=True`` reads), building a ViT from its name and loading pretrained weights (official DINO
 URLs as fallback; ``--arch``/``--patch_size`` from a checkpoint's saved args), image decoding with clear errors
-and one image prepared for a ViT, a restricted unpickler, the evaluation datasets and distributed feature
-extraction. Code with a single user stays in that user's script.
+and one image prepared for a ViT, a restricted unpickler, the datasets (image folders, CIFAR-10, MNIST-format
+files) and the evaluation transform, distributed feature extraction, and DINO's weighted k-NN search and vote
+(``eval_knn.py`` and the training's k-NN monitor). Code with a single user stays in that user's script.
 """
 import argparse
 import ctypes
 import datetime
+import gzip
 import json
 import math
 import os
 import pickle
 import random
 import re
+import struct
 import sys
 import time
 import zipfile
+import zlib
 from collections import defaultdict, deque
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from torchvision import transforms as pth_transforms
 
 import vision_transformer as vits
 from transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -40,6 +46,8 @@ OFFICIAL_WEIGHTS = {
 }
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SIXTEEN_BIT_I_FORMATS = ("PNG", "PPM")  # formats whose Pillow mode "I" holds at most 16 bits
+KNN_CHUNK_ELEMENTS = {"cpu": 2 ** 24, "cuda": 2 ** 28}  # largest similarity block held at once (64 MiB, 1 GiB)
+KNN_MIN_TEST_ROWS = 256  # below this many test rows per block the train set is split too, to keep matmuls large
 
 
 class UserError(Exception):
@@ -898,6 +906,108 @@ class CIFAR10Python(torch.utils.data.Dataset):
         return (self.transform(img) if self.transform else img), self.targets[index]
 
 
+MNIST_PREFIXES = {"train": "train", "val": "t10k"}  # file-name prefix of each split of an MNIST-format folder
+
+
+def _mnist_file(folder: str, name: str) -> Optional[str]:
+    """``folder/name``, else ``folder/name.gz``, else None."""
+    for path in (os.path.join(folder, name), os.path.join(folder, name + ".gz")):
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def find_mnist(data_path: str) -> Optional[str]:
+    """``data_path`` when it holds MNIST-format images (``train-`` or ``t10k-images-idx3-ubyte``, gzipped or
+    not: MNIST, Fashion-MNIST, KMNIST), else None."""
+    if any(_mnist_file(data_path, f"{prefix}-images-idx3-ubyte") for prefix in MNIST_PREFIXES.values()):
+        return data_path
+    return None
+
+
+def read_idx(path: str, ndim: int) -> np.ndarray:
+    """The unsigned-byte array of an IDX file (the MNIST format), gunzipped when its name ends in ``.gz``.
+
+    torchvision's ``read_image_file``/``read_label_file`` read no ``.gz`` and check the header with ``assert``,
+    so this parses the format itself: a header of two zero bytes, type 0x08 (unsigned byte), ``ndim``, then
+    ``ndim`` big-endian uint32 sizes, then the data. A wrong header, a truncated file or extra bytes is a
+    ``UserError`` naming the file."""
+    try:
+        with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as exc:  # gzip raises BadGzipFile (an OSError) or EOFError
+        raise UserError(f"cannot read {path} ({exc}): the file is truncated or damaged, download it again") \
+            from None
+    start = 4 + 4 * ndim
+    if len(data) < start or data[:3] != b"\x00\x00\x08" or data[3] != ndim:
+        raise UserError(f"{path} is not an MNIST-format file of unsigned bytes with {ndim} dimension"
+                        f"{'s' if ndim > 1 else ''} (its header is {data[:4].hex() or 'missing'}, expected "
+                        f"00000801 for labels or 00000803 for images): the file is damaged or of another kind")
+    shape = struct.unpack(f">{ndim}I", data[4:start])
+    expected = start + math.prod(shape)
+    if len(data) != expected:
+        state = "truncated" if len(data) < expected else "longer than its header says"
+        raise UserError(f"{path} is {state}: its header gives {'x'.join(map(str, shape))} bytes of data "
+                        f"({expected} bytes with the header), the file holds {len(data)}: download it again")
+    return np.frombuffer(data, dtype=np.uint8, offset=start).reshape(shape)
+
+
+class MNISTFolder(torch.utils.data.Dataset):
+    """A split of an MNIST-format folder: ``train-images-idx3-ubyte`` with ``train-labels-idx1-ubyte``
+    for train, the ``t10k-`` pair for any other split, each gzipped or not. Items are ``(RGB image, label)``:
+    grayscale repeated over three channels. ``classes`` are the labels 0 .. the largest label of either
+    split (the same list for train and val, so a split that lacks a class keeps it)."""
+
+    def __init__(self, folder: str, train: bool = True, transform: Optional[Callable] = None):
+        prefix = MNIST_PREFIXES["train" if train else "val"]
+        images_path = self._require(folder, f"{prefix}-images-idx3-ubyte")
+        labels_path = self._require(folder, f"{prefix}-labels-idx1-ubyte")
+        self.data = read_idx(images_path, 3)  # (N, H, W) uint8
+        labels = read_idx(labels_path, 1)  # (N,)
+        if len(labels) != len(self.data):
+            raise UserError(f"{labels_path} holds {len(labels)} labels but {images_path} holds {len(self.data)} "
+                            f"images: both must be the same split of the same dataset")
+        if not len(labels):
+            raise UserError(f"{images_path} holds no images")
+        largest = int(labels.max())
+        for other in MNIST_PREFIXES.values():
+            other_path = _mnist_file(folder, f"{other}-labels-idx1-ubyte")
+            if other != prefix and other_path:
+                largest = max(largest, int(read_idx(other_path, 1).max(initial=0)))
+        self.targets = labels.astype(np.int64).tolist()
+        self.classes = [str(i) for i in range(largest + 1)]
+        self.transform = transform
+
+    @staticmethod
+    def _require(folder: str, name: str) -> str:
+        path = _mnist_file(folder, name)
+        if path is None:
+            raise UserError(f"{folder} holds MNIST-format files but not {name} (nor {name}.gz): the folder needs "
+                            f"train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
+                            f"t10k-labels-idx1-ubyte, gzipped or not")
+        return path
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        img = Image.fromarray(self.data[index]).convert("RGB")
+        return (self.transform(img) if self.transform else img), self.targets[index]
+
+
+def build_packed_dataset(data_path: str, split: str,
+                         transform: Optional[Callable]) -> Optional[torch.utils.data.Dataset]:
+    """CIFAR-10's python batches or MNIST-format files found at ``data_path`` (their training set for
+    ``split`` ``train``, their test set for any other), else None: a folder of image files."""
+    cifar = find_cifar10(data_path)
+    if cifar is not None:
+        return CIFAR10Python(cifar, train=split == "train", transform=transform)
+    mnist = find_mnist(data_path)
+    if mnist is not None:
+        return MNISTFolder(mnist, train=split == "train", transform=transform)
+    return None
+
+
 class ClassFolders(torch.utils.data.Dataset):
     """Items ``(image, class index)`` from one sub-folder per class, as torchvision's ``ImageFolder``
     (same ``classes``, ``class_to_idx``, ``samples``, ``targets``), but with the file rules of training:
@@ -936,16 +1046,27 @@ class ClassFolders(torch.utils.data.Dataset):
 
 
 def build_eval_dataset(data_path: str, split: str, transform: Optional[Callable]) -> torch.utils.data.Dataset:
-    """``data_path/<split>`` as ``ClassFolders`` (one sub-folder per class), or CIFAR-10's python batches."""
+    """``data_path/<split>`` as ``ClassFolders`` (one sub-folder per class), or CIFAR-10's python batches, or
+    MNIST-format files (``build_packed_dataset``)."""
     require_folder(data_path)
-    cifar = find_cifar10(data_path)
-    if cifar is not None:
-        return CIFAR10Python(cifar, train=split == "train", transform=transform)
+    packed = build_packed_dataset(data_path, split, transform)
+    if packed is not None:
+        return packed
     root = os.path.join(data_path, split)
     if not os.path.isdir(root):
         raise UserError(f"{root} not found: --data_path must hold '{split}' with one sub-folder per class "
-                        f"(ImageFolder layout), or CIFAR-10's cifar-10-batches-py")
+                        f"(ImageFolder layout), CIFAR-10's cifar-10-batches-py, or MNIST-format files")
     return ClassFolders(root, transform)
+
+
+def eval_transform(resize_size: int, crop_size: int) -> pth_transforms.Compose:
+    """The evaluation transform of DINO: resize the shorter side (bicubic), center crop, ImageNet normalisation."""
+    return pth_transforms.Compose([
+        pth_transforms.Resize(resize_size, interpolation=pth_transforms.InterpolationMode.BICUBIC),
+        pth_transforms.CenterCrop(crop_size),
+        pth_transforms.ToTensor(),
+        pth_transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
 
 
 def check_same_classes(train: torch.utils.data.Dataset, val: torch.utils.data.Dataset) -> None:
@@ -1039,16 +1160,16 @@ class ImageList(torch.utils.data.Dataset):
 
 
 def build_image_source(data_path: str) -> torch.utils.data.Dataset:
-    """Items ``(PIL image, label)``: CIFAR-10's train batches, else every image under ``data_path``
-    recursively (labels are not used). When the sub-folders are splits (``train`` beside ``val``, ``test``,
-    ...), ``train`` is used alone and what is left out is printed; a held-out split folder (``val``,
-    ``test``, Kaggle's ``val.X``) beside anything else is refused, since it would be trained on. A class
-    folder that happens to be called ``train`` among other classes is just a class. Hidden files and
-    folders are skipped, as in evaluation."""
+    """Items ``(PIL image, label)``: the training set of CIFAR-10's python batches or of MNIST-format files
+    (``build_packed_dataset``), else every image under ``data_path`` recursively (labels are not used). When the
+    sub-folders are splits (``train`` beside ``val``, ``test``, ...), ``train`` is used alone and what is left out
+    is printed; a held-out split folder (``val``, ``test``, Kaggle's ``val.X``) beside anything else is refused,
+    since it would be trained on. A class folder that happens to be called ``train`` among other classes is just
+    a class. Hidden files and folders are skipped, as in evaluation."""
     require_folder(data_path)
-    cifar = find_cifar10(data_path)
-    if cifar is not None:
-        return CIFAR10Python(cifar, train=True)
+    packed = build_packed_dataset(data_path, "train", None)
+    if packed is not None:
+        return packed
     subdirs = sorted(e.name for e in os.scandir(data_path) if e.is_dir() and not is_hidden(e.name))
     loose = len(list_images(data_path))
     split_of = {name: name.lower().split(".")[0] for name in subdirs}  # val.X -> val
@@ -1068,8 +1189,251 @@ def build_image_source(data_path: str) -> torch.utils.data.Dataset:
     paths = list_images(data_path, recursive=True)
     if not paths:
         raise UserError(f"no images found in --data_path {data_path}: expected class sub-folders of images, "
-                        f"images directly inside, or CIFAR-10's cifar-10-batches-py")
+                        f"images directly inside, CIFAR-10's cifar-10-batches-py, or MNIST-format files")
     return ImageList(paths)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Weighted k-NN classification (DINO's protocol; eval_knn.py and the training's k-NN monitor)
+# ----------------------------------------------------------------------------------------------------
+def resolve_backend(backend: Optional[str], device: torch.device) -> str:
+    """``torch`` or ``faiss``: ``auto``/None means torch for CUDA features and faiss for CPU features."""
+    if backend in (None, "auto"):
+        return "torch" if device.type == "cuda" else "faiss"
+    if backend not in ("torch", "faiss"):
+        raise UserError(f"unknown k-NN backend {backend!r}: choose auto, torch or faiss")
+    return backend
+
+
+def _search_torch(train_features: torch.Tensor, test_features: torch.Tensor,
+                  k: int, chunk_elements: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Tiled matmul + top-k: a block of test rows against a block of train columns at a time, merging each
+    block's top-k into the running top-k, so large training sets stay compute-bound and memory-bounded."""
+    num_train, num_test = train_features.shape[0], test_features.shape[0]
+    rows = max(1, min(num_test, max(KNN_MIN_TEST_ROWS, chunk_elements // num_train)))
+    cols = max(k, chunk_elements // rows)
+    sims, indices = [], []
+    for start in range(0, num_test, rows):
+        queries = test_features[start:start + rows]  # (b, D)
+        best_sims = best_idx = None
+        for first in range(0, num_train, cols):
+            block = queries @ train_features[first:first + cols].T  # (b, c)
+            top_sims, top_idx = block.topk(min(k, block.shape[1]), dim=1)  # (b, <=k)
+            top_idx += first
+            if best_sims is not None:
+                top_sims, top_idx = torch.cat((best_sims, top_sims), 1), torch.cat((best_idx, top_idx), 1)
+                top_sims, position = top_sims.topk(k, dim=1)  # (b, k)
+                top_idx = top_idx.gather(1, position)  # (b, k)
+            best_sims, best_idx = top_sims, top_idx
+        sims.append(best_sims)
+        indices.append(best_idx)
+    return torch.cat(sims), torch.cat(indices)  # (N_test, k), most similar first
+
+
+def _search_faiss(train_features: torch.Tensor, test_features: torch.Tensor,
+                  k: int, chunk_elements: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """faiss's exact inner-product search (BLAS in cache-sized blocks) straight on the feature arrays:
+    no index, so the training features are not copied."""
+    import faiss  # imported here: only this backend needs it
+
+    database = train_features.detach().cpu().float().contiguous().numpy()  # (N_train, D), shares memory
+    queries = test_features.detach().cpu().float().contiguous()  # (N_test, D)
+    rows = max(1, chunk_elements // k)  # bounds the result arrays
+    sims, indices = [], []
+    for start in range(0, queries.shape[0], rows):
+        top_sims, top_idx = faiss.knn(queries[start:start + rows].numpy(), database, k,
+                                      metric=faiss.METRIC_INNER_PRODUCT)  # (b, k) each
+        sims.append(torch.from_numpy(top_sims))
+        indices.append(torch.from_numpy(top_idx))
+    return torch.cat(sims), torch.cat(indices).long()  # (N_test, k), most similar first
+
+
+def chunk_budget(device: torch.device, chunk_elements: Optional[int] = None) -> int:
+    """``chunk_elements``, or the default for the device (64 MiB of float32 on CPU, 1 GiB on CUDA)."""
+    return chunk_elements or KNN_CHUNK_ELEMENTS.get(device.type, KNN_CHUNK_ELEMENTS["cpu"])
+
+
+@torch.no_grad()
+def knn_search(train_features: torch.Tensor, test_features: torch.Tensor, k: int, backend: Optional[str] = None,
+               chunk_elements: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` train features of largest inner product with each test feature, most similar first.
+
+    Returns ``(similarities, indices)``, both (N_test, k), on the CPU for faiss and on the features'
+    device for torch. At most about ``chunk_elements`` similarities are held at once (default: see
+    ``chunk_budget``).
+    """
+    if train_features.dim() != 2 or test_features.dim() != 2 or train_features.shape[1] != test_features.shape[1]:
+        raise UserError(f"train and test features must be (N, D) with the same D, got "
+                              f"{tuple(train_features.shape)} and {tuple(test_features.shape)}")
+    if not 1 <= k <= train_features.shape[0]:
+        raise UserError(f"k must be in [1, {train_features.shape[0]}] (the training-set size), got {k}")
+    backend = resolve_backend(backend, train_features.device)
+    search = _search_torch if backend == "torch" else _search_faiss
+    return search(train_features, test_features.to(train_features.device), k,
+                  chunk_budget(train_features.device, chunk_elements))
+
+
+@torch.no_grad()
+def knn_vote(similarities: torch.Tensor, neighbor_labels: torch.Tensor, test_labels: torch.Tensor, k: int,
+             T: float, num_classes: int, chunk_elements: Optional[int] = None) -> Tuple[float, float]:
+    """Top-1 and top-5 accuracy (percent) of the weighted vote of the first ``k`` neighbours.
+
+    ``similarities`` and ``neighbor_labels`` are (N_test, >=k), most similar first. Each neighbour adds
+    ``exp(s / T)`` to its label's score; classes are ranked by score, ties by class index; top-5 counts
+    the first ``min(5, k, num_classes)`` predictions.
+    """
+    num_test = test_labels.shape[0]
+    if num_test == 0:
+        raise UserError("there are no test features to classify")
+    top_n = min(5, k, num_classes)
+    rows = max(1, chunk_budget(similarities.device, chunk_elements) // max(num_classes, k))
+    correct1 = correct5 = 0
+    for start in range(0, num_test, rows):
+        sims = similarities[start:start + rows, :k].float()  # (b, k)
+        labels = neighbor_labels[start:start + rows, :k].to(sims.device)  # (b, k)
+        targets = test_labels[start:start + rows].to(sims.device)  # (b,)
+        weights = ((sims - sims[:, :1]) / T).exp()  # (b, k); the first neighbour is the most similar
+        scores = torch.zeros(sims.shape[0], num_classes, device=sims.device).scatter_add_(1, labels, weights)
+        predictions = scores.sort(dim=1, descending=True, stable=True).indices[:, :top_n]  # (b, top_n)
+        hits = predictions == targets[:, None]  # (b, top_n)
+        correct1 += hits[:, 0].sum().item()
+        correct5 += hits.any(dim=1).sum().item()
+    return 100.0 * correct1 / num_test, 100.0 * correct5 / num_test
+
+
+def check_knn_labels(train_labels: torch.Tensor, test_labels: torch.Tensor, num_train: int, num_test: int,
+                  num_classes: Optional[int]) -> int:
+    """Validate the label vectors; return ``num_classes`` (default: largest label + 1)."""
+    if train_labels.shape != (num_train,) or test_labels.shape != (num_test,):
+        raise UserError(f"labels do not match the features: {num_train} train and {num_test} test "
+                              f"features, labels of shape {tuple(train_labels.shape)} and "
+                              f"{tuple(test_labels.shape)}")
+    labels = torch.cat((train_labels.cpu(), test_labels.cpu()))  # (N_train + N_test,)
+    if labels.numel() and labels.min().item() < 0:
+        raise UserError(f"labels must be non-negative, found {labels.min().item()}")
+    largest = int(labels.max().item()) if labels.numel() else 0
+    if num_classes is None:
+        return largest + 1
+    if largest >= num_classes:
+        raise UserError(f"labels must be in [0, {num_classes}), found label {largest}")
+    return num_classes
+
+
+@torch.no_grad()
+def knn_classifier(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                   test_labels: torch.Tensor, k: int, T: float, num_classes: Optional[int] = None,
+                   backend: Optional[str] = None, chunk_elements: Optional[int] = None) -> Tuple[float, float]:
+    """Weighted k-NN (DINO): top-1 and top-5 accuracy in percent.
+
+    Features are (N, D), L2-normalised (so inner product = cosine similarity); labels are (N,) integers.
+    ``k`` is clamped to the training-set size; ``num_classes`` defaults to the largest label + 1;
+    ``backend`` is ``torch``, ``faiss`` or None/``auto`` (torch on CUDA, faiss on CPU).
+    """
+    num_classes = check_knn_labels(train_labels, test_labels, train_features.shape[0], test_features.shape[0],
+                                num_classes)
+    k = min(k, train_features.shape[0])
+    similarities, indices = knn_search(train_features, test_features, k, backend, chunk_elements)
+    neighbor_labels = train_labels.to(indices.device)[indices]  # (N_test, k)
+    return knn_vote(similarities, neighbor_labels, test_labels, k, T, num_classes, chunk_elements)
+
+
+# ----------------------------------------------------------------------------------------------------
+# k-NN monitor of a training run
+# ----------------------------------------------------------------------------------------------------
+KNN_MONITOR_K, KNN_MONITOR_T = 20, 0.07  # eval_knn.py's k = 20 result, DINO's temperature
+KNN_MONITOR_SEED = 0  # the same image subset in every epoch and every run, so their curves compare
+
+
+def knn_monitor_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the flags of the training's k-NN monitor (``KNNMonitor``) to ``parser``; returns it."""
+    parser.add_argument("--knn_data_path", default=None, type=str,
+                        help="labelled dataset (any layout eval_knn.py reads) on which the teacher's weighted 20-NN "
+                             "accuracy is measured at --global_size: knn_top1/knn_top5 in log.txt (default: none)")
+    parser.add_argument("--knn_freq", default=1, type=bounded(int, low=1),
+                        help="run the k-NN monitor after every this many epochs, and after the last")
+    parser.add_argument("--knn_max_images", default=0, type=bounded(int, low=0),
+                        help="k-NN monitor on a fixed random subset of at most this many train and as many val "
+                             "images, to keep it cheap (0: all of them)")
+    return parser
+
+
+def eval_resize_size(crop_size: int) -> int:
+    """DINO's evaluation resize for a center crop of ``crop_size``: 256 for 224, the same ratio otherwise."""
+    return round(crop_size * 256 / 224)
+
+
+def seeded_subset(dataset: torch.utils.data.Dataset, max_items: int,
+                  seed: Sequence[int]) -> Tuple[torch.utils.data.Dataset, torch.Tensor]:
+    """``dataset`` and its labels (N,), or with ``0 < max_items < len(dataset)`` a random subset of
+    ``max_items`` of its items (in dataset order, the same for the same ``seed``) and their labels."""
+    labels = torch.as_tensor(dataset.targets, dtype=torch.long)  # (N,)
+    if 0 < max_items < len(dataset):
+        keep = np.sort(np.random.default_rng(list(seed)).choice(len(dataset), max_items, replace=False))
+        dataset, labels = torch.utils.data.Subset(dataset, keep.tolist()), labels[torch.from_numpy(keep)]
+    return dataset, labels
+
+
+class KNNMonitor:
+    """The weighted k-NN accuracy of a backbone's [CLS] features (k = 20, T = 0.07), to watch a training run.
+
+    The train and val splits of ``data_path`` (any layout ``build_eval_dataset`` reads) pass through the
+    evaluation transform at ``image_size`` (resize ``eval_resize_size(image_size)``, center crop); with
+    ``max_images`` each split is cut to a fixed random subset of at most that many images. Features are
+    extracted as in ``eval_knn.py`` (split over the processes, gathered by index: every image counts once)
+    and classified by the same ``knn_classifier``, so without a cap the numbers are those of
+    ``eval_knn.py --nb_knn 20 --resize_size R --crop_size S`` on the same weights. It runs after every
+    ``freq``-th epoch and after the last of ``epochs``; every process must call it (extraction is a collective).
+    """
+
+    def __init__(self, data_path: str, image_size: int, freq: int, epochs: int, max_images: int = 0,
+                 batch_size: int = 64, num_workers: int = 0):
+        require_folder(data_path, "--knn_data_path")
+        resize = eval_resize_size(image_size)
+        train = build_eval_dataset(data_path, "train", eval_transform(resize, image_size))
+        val = build_eval_dataset(data_path, "val", eval_transform(resize, image_size))
+        check_same_classes(train, val)
+        self.splits = [seeded_subset(dataset, max_images, (KNN_MONITOR_SEED, i))  # [(dataset, labels (N,))]
+                       for i, dataset in enumerate((train, val))]
+        self.num_classes, self.freq, self.epochs = len(train.classes), freq, epochs
+        self.batch_size, self.num_workers = batch_size, num_workers
+        (train_used, _), (val_used, _) = self.splits
+        whole = len(train_used) == len(train) and len(val_used) == len(val)
+        same = f": the numbers of eval_knn.py --resize_size {resize} --crop_size {image_size}" if whole else ""
+        print(f"k-NN monitor: {len(train_used)} of {len(train)} train and {len(val_used)} of {len(val)} val images "
+              f"from {data_path}, resized to {resize} and center-cropped to {image_size}, k = {KNN_MONITOR_K}, "
+              f"after {'every epoch' if freq == 1 else f'every {freq} epochs and after the last'}{same}")
+
+    def due(self, epoch: int) -> bool:
+        """Whether the monitor runs after ``epoch`` (0-based)."""
+        return (epoch + 1) % self.freq == 0 or epoch + 1 == self.epochs
+
+    def accuracy(self, backbone: nn.Module, device: torch.device) -> Tuple[float, float]:
+        """Top-1 and top-5 accuracy (percent) of ``backbone``; its train/eval mode is left as it was."""
+        training, features = backbone.training, []
+        backbone.eval()
+        try:
+            for dataset, _ in self.splits:
+                loader = feature_loader(dataset, self.batch_size, self.num_workers)
+                feats = extract_features(backbone, loader, device, print_freq=10 ** 9)  # (N, D)
+                features.append(F.normalize(feats, dim=1).to(device))  # (N, D)
+        finally:
+            backbone.train(training)
+        (_, train_labels), (_, val_labels) = self.splits
+        return knn_classifier(features[0], train_labels.to(device), features[1], val_labels.to(device),
+                              KNN_MONITOR_K, KNN_MONITOR_T, num_classes=self.num_classes)
+
+    def after_epoch(self, backbone: nn.Module, epoch: int, device: torch.device) -> dict:
+        """``{}`` when the monitor does not run after ``epoch``; else ``knn_top1``, ``knn_top5`` and
+        ``knn_seconds`` (the time it took), also printed."""
+        if not self.due(epoch):
+            return {}
+        start = time.time()
+        top1, top5 = self.accuracy(backbone, device)
+        seconds = time.time() - start
+        print(f"k-NN monitor after epoch {epoch}: top-1 {top1:.2f}  top-5 {top5:.2f} ({KNN_MONITOR_K}-NN of "
+              f"{len(self.splits[1][0])} val among {len(self.splits[0][0])} train images, {seconds:.1f} s)",
+              flush=True)
+        return {"knn_top1": top1, "knn_top5": top5, "knn_seconds": seconds}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -125,7 +125,7 @@ def bench_knn(args: argparse.Namespace) -> bool:
               f" top-1/top-5 {accs}")
     same = all(m["knn"] == measured[("faiss", "cpu")]["knn"] for m in measured.values())
     print(f"  same accuracy for every backend: {'yes' if same else 'NO'}")
-    default = eval_knn.resolve_backend("auto", torch.device("cpu"))
+    default = utils.resolve_backend("auto", torch.device("cpu"))
     other = "torch" if default == "faiss" else "faiss"
     passed = measured[(default, "cpu")]["seconds"] <= measured[(other, "cpu")]["seconds"]
     print(f"{'PASS' if passed else 'FAIL'}: the CPU default backend ({default}) is "
@@ -151,7 +151,7 @@ class GeneratedImages(torch.utils.data.Dataset):
 def bench_extraction(args: argparse.Namespace, device: torch.device) -> None:
     torch.manual_seed(0)
     model = utils.build_backbone(args.arch, args.patch_size).to(device).eval()
-    transform = eval_knn.val_transform(round(args.crop_size * 256 / 224), args.crop_size)
+    transform = utils.eval_transform(round(args.crop_size * 256 / 224), args.crop_size)
     warmup = utils.feature_loader(GeneratedImages(args.batch_size, transform), args.batch_size, 0)
     utils.extract_features(model, warmup, device, print_freq=10 ** 6)
     num = args.batch_size * args.batches

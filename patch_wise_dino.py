@@ -157,7 +157,9 @@ def check_args(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------------------
 # Set-up and training loop
 # ----------------------------------------------------------------------------------------------------
-def main(args: argparse.Namespace) -> "TrainState":
+def main(args: argparse.Namespace, stop_signals: Sequence[int] = run_control.STOP_SIGNALS) -> "TrainState":
+    """Train; ``stop_signals`` stop the run at an agreed point after a checkpoint (``run_control``), and the
+    returned state's ``stopped_by`` names those that did (empty when the run reached --epochs)."""
     check_args(args)
     run_control.prepare_output_dir(args.output_dir)
     utils.init_distributed_mode(args)
@@ -167,7 +169,7 @@ def main(args: argparse.Namespace) -> "TrainState":
     utils.fix_random_seeds(args.seed)  # the same initial weights in every process
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     names = SAME_SETTINGS + (("global_size",) if args.patch_loss else ())
-    run = run_control.RunControl(args, same_settings=names)
+    run = run_control.RunControl(args, same_settings=names, stop_signals=stop_signals)
     run.load()  # before any work: a run of another model is refused
     if utils.is_main_process():
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
@@ -205,7 +207,7 @@ def main(args: argparse.Namespace) -> "TrainState":
             if not run.end_epoch(epoch, {**{f"train_{k}": v for k, v in train_stats.items()}, **knn}):
                 break
     print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
-    return state
+    return state._replace(stopped_by=run.stopped_by)
 
 
 def epoch_loggers() -> tuple:
@@ -242,6 +244,7 @@ class TrainState(NamedTuple):
     dino_loss: "PatchWiseDINOLoss"
     optimizer: torch.optim.Optimizer
     precision: "Precision"
+    stopped_by: tuple = ()  # the signals that stopped the run early (any process); () when it ran to its end
 
 
 def view_token_counts(crops: Sequence[torch.Tensor], patch_size: int, all_tokens: bool) -> list:
@@ -253,7 +256,8 @@ def train_step(state: "TrainState", batch: "MultiCropBatch", epoch: int, lr: flo
                args: argparse.Namespace) -> dict:
     """One optimisation step of the student and one EMA step of the teacher; returns the (all-reduced)
     loss and diagnostics as floats. Raises ``NonFiniteLoss`` on a non-finite loss, before any update."""
-    student, teacher, dino_loss, optimizer, precision = state
+    student, teacher, dino_loss = state.student, state.teacher, state.dino_loss
+    optimizer, precision = state.optimizer, state.precision
     for i, group in enumerate(optimizer.param_groups):
         group["lr"] = lr
         if i == 0:  # only the weights are regularised

@@ -6,8 +6,10 @@
   replaces stays as ``checkpoint.prev.pth``; when ``checkpoint.pth`` cannot be read (truncated, corrupt), the
   run continues from ``checkpoint.prev.pth`` with a warning instead of starting over; a checkpoint of
   another model or refused as unsafe stops the run;
-- **an agreed stopping point**: SIGTERM/SIGINT (or data workers gone with the signal) only set a flag; before
-  each step all processes agree whether to stop, so they stop at the same iteration, after a checkpoint;
+- **an agreed stopping point**: SIGTERM/SIGINT (or data workers gone with the signal), and any other
+  ``stop_signals`` a launcher adds (``run_with_submitit.py``: submitit's preemption signal), only set a flag;
+  before each step all processes agree whether to stop, so they stop at the same iteration, after a
+  checkpoint, and agree on the signals that stopped them (``RunControl.stopped_by``);
 - **bit-identical resume** on the same hardware and thread count: a checkpoint inside an epoch holds the
   samples done and every process's generator states (torch, CUDA, numpy, ``random``); the sampler skips the
   samples done without decoding them, and each image's crops depend on (--seed, epoch, index) only; with
@@ -39,14 +41,16 @@ CHECKPOINT, PREVIOUS_CHECKPOINT = "checkpoint.pth", "checkpoint.prev.pth"
 # Signals, seeds and the sampler
 # ----------------------------------------------------------------------------------------------------
 class StopFlag:
-    """While active (``with``), the signals in ``signals`` only record themselves in ``signum``."""
+    """While active (``with``), the signals in ``signals`` only record themselves: the last in ``signum``,
+    every one in ``received``."""
 
     def __init__(self, signals: Sequence[int] = STOP_SIGNALS):
-        self.signum, self.signals = 0, tuple(signals)
+        self.signum, self.signals, self.received = 0, tuple(signals), set()
         self._previous: dict = {}
 
     def _record(self, signum: int, frame) -> None:
         self.signum = signum
+        self.received.add(signum)
 
     def __enter__(self) -> "StopFlag":
         if threading.current_thread() is threading.main_thread():  # the only thread that may set handlers
@@ -298,13 +302,16 @@ class RunControl:
     ``parts`` names what a checkpoint holds besides ``epoch`` and ``args``: objects with ``state_dict`` /
     ``load_state_dict`` (student, teacher, optimizer, loss, scaler; None entries are skipped).
     ``same_settings``: argument names a continued run must share with the checkpoint.
+    ``stop_signals``: the signals that stop the run at an agreed point; after such a stop, ``stopped_by``
+    holds those that any process received (the same in every process).
     Use: ``run.load()`` early (a run of another model is refused before any work), ``run.restore(parts)``
     once the parts exist, then ``with run:`` around the epochs, ``run.steps(...)`` as the batches of an
     epoch and ``run.end_epoch(...)`` after each."""
 
-    def __init__(self, args: argparse.Namespace, same_settings: Sequence[str]):
+    def __init__(self, args: argparse.Namespace, same_settings: Sequence[str],
+                 stop_signals: Sequence[int] = STOP_SIGNALS):
         self.args, self.same_settings = args, tuple(same_settings)
-        self.stop = StopFlag()
+        self.stop = StopFlag(stop_signals)
         self.parts: Dict[str, Any] = {}
         self.checkpoint: Optional[dict] = None
         self.checkpoint_path = ""
@@ -312,6 +319,7 @@ class RunControl:
         self.last_checkpoint = "none (nothing was saved yet)"
         self.position = (0, 0)  # (epoch, iteration) of the step running, named in error messages
         self.stopped, self.bad_images = False, 0
+        self.stopped_by: tuple = ()  # after an agreed stop: the stop signals any process received
 
     def __enter__(self) -> "RunControl":
         self.stop.__enter__()
@@ -451,8 +459,10 @@ class RunControl:
             return False
         return True
 
-    def _report_stop(self, where: str) -> None:
+    def _report_stop(self, where: str) -> None:  # a collective
         self.stopped = True
+        self.stopped_by = tuple(signum for signum in self.stop.signals
+                                if sum_over_processes(int(signum in self.stop.received), self.args.device))
         name = signal.Signals(self.stop.signum).name if self.stop.signum else "a signal to another process"
         print(f"Stopped by {name} after {where}: checkpoint saved to {self.last_checkpoint}; run the same "
               f"command to continue from there", flush=True)

@@ -54,12 +54,12 @@ class UserError(Exception):
     """A problem the user can fix (bad path, bad flag, bad file): reported as one line, no traceback."""
 
 
-def run_cli(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> None:
-    """Run ``main(args)``; a ``UserError`` becomes ``error: ...`` on stderr and exit status 2, in every process
-    (``print`` is silenced on all but rank 0, and a bad image may be read by any of them), with the rank
-    when there are several."""
+def run_cli(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> Any:
+    """Run ``main(args)`` and return its result; a ``UserError`` becomes ``error: ...`` on stderr and exit
+    status 2, in every process (``print`` is silenced on all but rank 0, and a bad image may be read by any of
+    them), with the rank when there are several."""
     try:
-        main(args)
+        return main(args)
     except UserError as exc:
         message = str(exc).strip()
         if "Traceback" in message:  # re-raised from a DataLoader worker: keep the original message

@@ -349,7 +349,8 @@ class RunControl:
         restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
         if restarts:
             print(f"torchrun restart {restarts}: continuing from the last checkpoint")
-        if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        shared_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) and shared_store:
             print("WARNING: with torchrun's shared rendezvous store, restarted workers can find the addresses of the "
                   "dead ones and fail to connect (pytorch/pytorch#135712): launch with "
                   "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --max-restarts=...", file=sys.stderr)

@@ -105,7 +105,8 @@ def test_command_line_error_is_one_line(tmp_path):
 
 def test_training_and_evaluation_scripts_do_not_import_matplotlib():
     code = ("import sys, patch_wise_dino, eval_knn, eval_linear, eval_image_retrieval, eval_copy_detection, "
-            "patch_matching, utils; print(sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib'))")
+            "patch_matching, run_with_submitit, utils; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib'))")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"

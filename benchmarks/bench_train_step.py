@@ -84,9 +84,9 @@ def max_rss_mb() -> float:
 
 def worker(config: dict) -> dict:
     """Time one mode of one configuration in this process; returns seconds, memory and FLOPs."""
-    argv = ["--arch", config["arch"], "--patch_size", str(config["patch_size"]),
-            "--out_dim", str(config["out_dim"]),
-            "--batch_size_per_gpu", str(config["batch_size"]), "--local_crops_number", "8", "--patch_loss", str(config["patch_loss"]),
+    argv = ["--arch", config["arch"], "--patch_size", str(config["patch_size"]), "--out_dim", str(config["out_dim"]),
+            "--batch_size_per_gpu", str(config["batch_size"]), "--local_crops_number", "8",
+            "--patch_loss", str(config["patch_loss"]),
             "--use_fp16", str(config["use_fp16"]), "--amp_dtype", config["amp_dtype"], "--epochs", "1",
             "--compile", str(config["compile"])]
     args = argparse.ArgumentParser(parents=[pwd.get_args_parser()]).parse_args(argv)

@@ -35,6 +35,7 @@ import vision_transformer as vits
 from transforms import DataAugmentationPatchWiseDINO
 
 NUM_GLOBAL = 2
+TRAIN_SUBSET_SEED = 0  # --max_images takes the same images whatever --seed is
 LR_REFERENCE_BATCH = 256  # --lr is the learning rate of a total batch of 256, scaled linearly (DINO)
 # Elements of one (rows, K) float32 temporary of the loss: 256 MB on a GPU, 8 MB (cache-sized) on the CPU.
 LOSS_CHUNK_ELEMENTS = {"cuda": 2 ** 26, "cpu": 2 ** 21}
@@ -131,6 +132,9 @@ def add_crop_and_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip_bad_images", default=False, type=utils.bool_flag,
                         help="skip images that cannot be decoded and count them per epoch (bad_images in log.txt) "
                              "instead of stopping with the file's name")
+    parser.add_argument("--max_images", default=0, type=at_least_0,
+                        help="train on a fixed random subset of at most this many images, the same for every --seed "
+                             "(0: all of them), for short runs")
     parser.add_argument("--seed", default=0, type=at_least_0, help="random seed")
     utils.knn_monitor_args(parser)  # --knn_data_path, --knn_freq, --knn_max_images
     cpus_per_process = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
@@ -612,8 +616,12 @@ def build_loader(args: argparse.Namespace) -> torch.utils.data.DataLoader:
                                               args.local_crops_number, args.patch_size, args.global_size,
                                               args.local_size, args.resize)
     data_path = args.data_path or utils.default_data_path()
-    dataset = MultiCropDataset(utils.build_image_source(data_path), transform, args.patch_size, args.patch_loss,
-                               args.skip_bad_images)
+    images = utils.build_image_source(data_path)
+    keep = utils.subset_indices(len(images), args.max_images, (TRAIN_SUBSET_SEED,))
+    if keep is not None:
+        print(f"Training on a fixed random subset of {len(keep)} of the {len(images)} images (--max_images)")
+        images = torch.utils.data.Subset(images, keep)
+    dataset = MultiCropDataset(images, transform, args.patch_size, args.patch_loss, args.skip_bad_images)
     if len(dataset) < args.total_batch:
         raise utils.UserError(f"{data_path} has {len(dataset)} images, fewer than one batch of {args.total_batch} "
                               f"({args.world_size} processes x {args.batch_size_per_gpu}): "

@@ -1362,14 +1362,22 @@ def eval_resize_size(crop_size: int) -> int:
     return round(crop_size * 256 / 224)
 
 
+def subset_indices(size: int, max_items: int, seed: Sequence[int]) -> Optional[list]:
+    """Sorted indices of a random subset of ``max_items`` of ``size`` items, the same for the same ``seed``;
+    None when ``max_items`` is 0 or not below ``size`` (keep everything)."""
+    if not 0 < max_items < size:
+        return None
+    return np.sort(np.random.default_rng(list(seed)).choice(size, max_items, replace=False)).tolist()
+
+
 def seeded_subset(dataset: torch.utils.data.Dataset, max_items: int,
                   seed: Sequence[int]) -> Tuple[torch.utils.data.Dataset, torch.Tensor]:
     """``dataset`` and its labels (N,), or with ``0 < max_items < len(dataset)`` a random subset of
     ``max_items`` of its items (in dataset order, the same for the same ``seed``) and their labels."""
     labels = torch.as_tensor(dataset.targets, dtype=torch.long)  # (N,)
-    if 0 < max_items < len(dataset):
-        keep = np.sort(np.random.default_rng(list(seed)).choice(len(dataset), max_items, replace=False))
-        dataset, labels = torch.utils.data.Subset(dataset, keep.tolist()), labels[torch.from_numpy(keep)]
+    keep = subset_indices(len(dataset), max_items, seed)
+    if keep is not None:
+        dataset, labels = torch.utils.data.Subset(dataset, keep), labels[keep]
     return dataset, labels
 
 

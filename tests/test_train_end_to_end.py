@@ -268,3 +268,17 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     assert torch.equal(ranks[0]["center"], ranks[1]["center"]) and ranks[0]["center"].abs().sum() > 0
     assert len(read_log(out)) == 2
     assert "Total batch size 4 (2 processes x 2)" in proc.stdout
+
+
+def test_max_images_trains_on_a_fixed_subset(tmp_path, fresh_process_group, capsys):
+    """--max_images 4 of 6 images: 2 steps per epoch of batch 2, the same 4 images whatever --seed is."""
+    write_images(tmp_path / "data", 6)
+    argv = TINY + ["--data_path", str(tmp_path / "data"), "--epochs", "1", "--max_images", "4"]
+    run(argv + ["--output_dir", str(tmp_path / "a")])
+    out = capsys.readouterr().out
+    assert "subset of 4 of the 6 images" in out and "2 steps/epoch" in out, out
+    first = utils.subset_indices(6, 4, (pwd.TRAIN_SUBSET_SEED,))
+    assert len(first) == 4 and first == sorted(set(first)) and first == utils.subset_indices(6, 4, (0,))
+    assert utils.subset_indices(6, 0, (0,)) is None and utils.subset_indices(6, 6, (0,)) is None
+    run(argv + ["--output_dir", str(tmp_path / "b"), "--seed", "3", "--max_images", "6"])
+    assert "6 images from" in capsys.readouterr().out  # as many as there are: all of them

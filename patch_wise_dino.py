@@ -168,8 +168,6 @@ def main(args: argparse.Namespace, stop_signals: Sequence[int] = run_control.STO
     run_control.prepare_output_dir(args.output_dir)
     utils.init_distributed_mode(args)
     args.total_batch = args.batch_size_per_gpu * args.world_size
-    if args.device.type == "cpu":
-        utils.keep_freed_memory()
     utils.fix_random_seeds(args.seed)  # the same initial weights in every process
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     names = SAME_SETTINGS + (("global_size",) if args.patch_loss else ())

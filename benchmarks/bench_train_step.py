@@ -94,8 +94,6 @@ def worker(config: dict) -> dict:
     if config["threads"]:
         torch.set_num_threads(config["threads"])
     utils.init_distributed_mode(args)
-    if args.device.type == "cpu":
-        utils.keep_freed_memory()  # as patch_wise_dino.main does on the CPU
     utils.fix_random_seeds(0)
     batch = make_batch(args)
     student, teacher = pwd.build_models(args)

@@ -11,7 +11,6 @@ from PIL import Image
 
 import eval_knn
 import eval_linear
-import patch_wise_dino as pwd
 import utils
 
 

@@ -12,7 +12,6 @@ from torchvision.datasets import mnist as tv_mnist
 
 import eval_knn
 import eval_linear
-import patch_wise_dino as pwd
 import utils
 from eval_testdata import assert_one_line_error, run_script, write_dino_checkpoint
 from mnist_testdata import idx_bytes, make_mnist_folder, write_idx

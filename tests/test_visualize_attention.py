@@ -11,7 +11,7 @@ from PIL import Image
 import utils
 import visualize_attention as va
 import vision_transformer as vits
-from eval_testdata import (REPO, assert_one_line_error, one_thread, random_image, run_script,  # noqa: F401
+from eval_testdata import (assert_one_line_error, one_thread, random_image, run_script,  # noqa: F401
                            write_dino_checkpoint)
 
 pytestmark = pytest.mark.usefixtures("one_thread")

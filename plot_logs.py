@@ -160,7 +160,7 @@ def main(args: argparse.Namespace) -> Figure:
         figure.savefig(args.output, format="png", dpi=100)
     except OSError as exc:
         raise utils.UserError(f"cannot write --output {args.output}: {exc.strerror or exc}") from None
-    print(f"Wrote {args.output}: {len(runs)} runs ({', '.join(run.label for run in runs)}), "
+    print(f"Wrote {args.output}: {len(runs)} run{'s' * (len(runs) != 1)} ({', '.join(run.label for run in runs)}), "
           f"{len(figure.axes)} panels")
     return figure
 

@@ -669,7 +669,7 @@ def build_models(args: argparse.Namespace) -> tuple:
     teacher_backbone = utils.build_backbone(args.arch, args.patch_size)
     dim = student_backbone.embed_dim
     student = vits.MultiCropWrapper(student_backbone, vits.DINOHead(dim, args.out_dim, args.use_bn_in_head,
-                                                               args.norm_last_layer))
+                                                                    args.norm_last_layer))
     teacher = vits.MultiCropWrapper(teacher_backbone, vits.DINOHead(dim, args.out_dim, args.use_bn_in_head))
     student, teacher = student.to(args.device), teacher.to(args.device)
     if args.use_bn_in_head and args.device.type == "cuda":

@@ -221,5 +221,5 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser("Copy detection on Copydays", parents=[get_args_parser()])
+    parser = utils.ArgumentParser("Copy detection on Copydays", parents=[get_args_parser()])
     utils.run_cli(main, parser.parse_args())

@@ -262,5 +262,5 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser("Image retrieval on revisited Oxford and Paris", parents=[get_args_parser()])
+    parser = utils.ArgumentParser("Image retrieval on revisited Oxford and Paris", parents=[get_args_parser()])
     utils.run_cli(main, parser.parse_args())

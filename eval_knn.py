@@ -175,5 +175,5 @@ def main(args: argparse.Namespace) -> Dict[str, dict]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser("Evaluation with weighted k-NN", parents=[get_args_parser()])
+    parser = utils.ArgumentParser("Evaluation with weighted k-NN", parents=[get_args_parser()])
     utils.run_cli(main, parser.parse_args())

@@ -342,5 +342,5 @@ def main(args: argparse.Namespace) -> Dict[str, float]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser("Linear evaluation on frozen features", parents=[get_args_parser()])
+    parser = utils.ArgumentParser("Linear evaluation on frozen features", parents=[get_args_parser()])
     utils.run_cli(main, parser.parse_args())

@@ -137,6 +137,12 @@ def match_all_pairs(geometries: Sequence[CropGeometry], patch_size: int, num_glo
     return [(i, v, idx_t, idx_s) for (i, v), (idx_t, idx_s) in zip(pairs, matches)]
 
 
+def cls_only_matches(num_views: int, num_global: int = 2) -> list:
+    """The view pairs of ``match_all_pairs`` with the [CLS] pair only (vanilla DINO's loss)."""
+    cls = np.zeros(1, dtype=np.int64)
+    return [(i, v, cls, cls) for i in range(num_global) for v in range(num_views) if v != i]
+
+
 def sample_overlapping_views(source: np.ndarray, args: argparse.Namespace, max_tries: int = 100) -> tuple:
     """Random global and local geometries (DINO scales) whose patches match; (geom_global, geom_local)."""
     height, width = source.shape[:2]
@@ -209,7 +215,8 @@ def render_matches(source: np.ndarray, views: Sequence[np.ndarray], geoms: Seque
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Patch-matching demo", add_help=False)
-    parser.add_argument("--image", default="test.png", type=str, help="image to cut the two views from")
+    parser.add_argument("--image", default=os.path.join(utils.REPO_DIR, "test.png"), type=str,
+                        help="image to cut the two views from (default: the shipped test.png)")
     parser.add_argument("--output", default="result.png", type=str, help="where to write the picture of the matches")
     parser.add_argument("--patch_size", default=32, type=int, help="patch size in pixels of the views")
     parser.add_argument("--seed", default=0, type=int, help="random seed of the crop geometries")
@@ -229,7 +236,7 @@ def main(args: argparse.Namespace) -> list:
     if not cv2.haveImageWriter(args.output):
         raise utils.UserError(f"--output {args.output}: OpenCV cannot write this image type; use .png or .jpg")
     if not os.path.isfile(args.image):
-        raise utils.UserError(f"image {args.image} not found: put a test.png here or pass --image")
+        raise utils.UserError(f"image {args.image} not found: pass --image with the path of an image")
     source = transforms.to_rgb_array(utils.open_image(args.image))  # (H, W, 3)
     if args.resize:
         source = transforms.resize_source(source, args.resize)  # (R, R, 3)
@@ -249,4 +256,4 @@ def main(args: argparse.Namespace) -> list:
 
 
 if __name__ == "__main__":
-    utils.run_cli(main, argparse.ArgumentParser("Patch-matching demo", parents=[get_args_parser()]).parse_args())
+    utils.run_cli(main, utils.ArgumentParser("Patch-matching demo", parents=[get_args_parser()]).parse_args())

@@ -18,7 +18,6 @@ import functools
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from typing import NamedTuple, Optional, Sequence
@@ -306,7 +305,6 @@ def update_teacher(student: nn.Module, teacher: nn.Module, momentum: float) -> N
     torch._foreach_add_(teacher_params, student_params, alpha=1 - momentum)
 
 
-
 # ----------------------------------------------------------------------------------------------------
 # Loss and center
 # ----------------------------------------------------------------------------------------------------
@@ -530,12 +528,6 @@ class PatchWiseDINOLoss(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 # Multi-crop data with matches
 # ----------------------------------------------------------------------------------------------------
-def cls_only_matches(num_views: int) -> list:
-    """The view pairs of ``patch_matching.match_all_pairs`` with the [CLS] pair only (vanilla DINO)."""
-    cls = np.zeros(1, dtype=np.int64)
-    return [(i, v, cls, cls) for i in range(NUM_GLOBAL) for v in range(num_views) if v != i]
-
-
 class MultiCropDataset(torch.utils.data.Dataset):
     """Items ``(crops, matches)``: the multi-crop views of one image and, for every (teacher global
     view i, student view v != i), the token indices ``(i, v, idx_teacher, idx_student)`` that match.
@@ -571,7 +563,7 @@ class MultiCropDataset(torch.utils.data.Dataset):
         if self.patch_loss:
             matches = patch_matching.match_all_pairs(geometries, self.patch_size, num_global=NUM_GLOBAL)
         else:
-            matches = cls_only_matches(len(crops))
+            matches = patch_matching.cls_only_matches(len(crops), num_global=NUM_GLOBAL)
         return crops, matches
 
 
@@ -643,16 +635,11 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def cpp_compiler_available() -> bool:
-    """Whether torch.compile's CPU backend (inductor) finds a C++ compiler."""
-    return any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++"))
-
-
 def compile_blocks(model: vits.MultiCropWrapper, device: torch.device) -> None:
     """torch.compile every transformer block and the head in place (``Module.compile``), so state-dict keys,
     DDP and checkpoints are unchanged. The heads see a different number of tokens each step: their first
     recompilation makes that dimension dynamic instead of compiling again for every count."""
-    if device.type == "cpu" and not cpp_compiler_available():
+    if device.type == "cpu" and not utils.cpp_compiler_available():
         raise utils.UserError("--compile true on the CPU needs a C++ compiler (g++ or clang++, or set CXX): "
                               "install one, or train with --compile false")
     # The blocks run inside DDP's forward, whose own hooks bucket their gradients: dynamo's DDP graph splitter

@@ -92,7 +92,11 @@ def load_runs(folders: Sequence[str], labels: Optional[Sequence[str]]) -> List[R
             print(f"Note: skipped {folder}: no log.txt there (not a run folder, or the run has not finished an "
                   f"epoch yet)")
             continue
-        epochs, notes = read_log(log_path)
+        try:
+            epochs, notes = read_log(log_path)
+        except (OSError, UnicodeDecodeError) as exc:
+            print(f"Note: skipped {folder}: cannot read its log.txt ({getattr(exc, 'strerror', None) or exc})")
+            continue
         for note in notes:
             print(f"Note: {note}")
         if not epochs:
@@ -166,4 +170,4 @@ def main(args: argparse.Namespace) -> Figure:
 
 
 if __name__ == "__main__":
-    utils.run_cli(main, argparse.ArgumentParser("Plot training curves", parents=[get_args_parser()]).parse_args())
+    utils.run_cli(main, utils.ArgumentParser("Plot training curves", parents=[get_args_parser()]).parse_args())

@@ -186,10 +186,11 @@ def prepare_output_dir(path: str) -> None:
 
 
 def load_run_checkpoint(args: argparse.Namespace, same_settings: Sequence[str]) -> tuple:
-    """``(checkpoint, path)`` of the run in ``output_dir`` to continue, or ``(None, "")`` for a new run.
+    """``(checkpoint, path, corrupt)`` of the run in ``output_dir`` to continue, or ``(None, "", None)`` for a
+    new run.
 
     When ``checkpoint.pth`` cannot be read (truncated, corrupt), ``checkpoint.prev.pth`` is used with a
-    warning and the bad file is moved to ``checkpoint.pth.corrupt``; when neither can be read the run stops
+    warning and ``corrupt`` names the bad file (to be moved away); when neither can be read the run stops
     rather than start over. A checkpoint refused as unsafe stops the run (it is intact: falling back would
     lose its progress). A checkpoint whose ``same_settings`` differ from this run's is refused."""
     path, previous = (os.path.join(args.output_dir, name) for name in (CHECKPOINT, PREVIOUS_CHECKPOINT))
@@ -211,14 +212,11 @@ def load_run_checkpoint(args: argparse.Namespace, same_settings: Sequence[str]) 
         if candidate == previous:
             print(f"WARNING: {problems[0] if problems else path + ' is missing'}; resuming from the previous "
                   f"checkpoint {previous}", file=sys.stderr, flush=True)
-            utils.barrier()  # every process has read the files before the bad one is moved away
-            if problems and utils.is_main_process() and os.path.isfile(path):
-                os.replace(path, path + ".corrupt")
-        return checkpoint, candidate
+        return checkpoint, candidate, (path if problems and os.path.isfile(path) else None)
     if problems:
         raise utils.UserError(f"cannot continue the run in {args.output_dir}: {'; '.join(problems)}; to start a new "
                               f"run, move these files out of {args.output_dir} or pass another --output_dir")
-    return None, ""
+    return None, "", None
 
 
 def check_same_settings(args: argparse.Namespace, checkpoint: dict, path: str, names: Sequence[str]) -> None:
@@ -247,7 +245,8 @@ def drop_log_lines_from(output_dir: str, epoch: int) -> None:
 
     with open(path) as f:
         lines = f.readlines()
-    kept = [line for line in lines if earlier(line)]
+    # a last line without its newline was cut off while being appended: dropped, or the next line would join it
+    kept = [line for line in lines if earlier(line) and line.endswith("\n")]
     if len(kept) < len(lines):
         with open(path + ".tmp", "w") as f:
             f.writelines(kept)
@@ -330,8 +329,11 @@ class RunControl:
 
     def load(self) -> None:
         """Read the checkpoint of the run in ``--output_dir`` (if any); remove half-written files."""
-        self.checkpoint, self.checkpoint_path = load_run_checkpoint(self.args, self.same_settings)
+        self.checkpoint, self.checkpoint_path, corrupt = load_run_checkpoint(self.args, self.same_settings)
+        utils.barrier()  # every process (each node may read its own --output_dir) has read the files: then clean up
         if utils.is_main_process():
+            if corrupt is not None:
+                os.replace(corrupt, corrupt + ".corrupt")
             utils.remove_partial_writes(self.args.output_dir, "checkpoint")  # checkpoint.pth, .prev, NNNN
         if self.checkpoint is not None:
             epoch, iteration = self.checkpoint["epoch"], self.checkpoint.get("iteration", 0)
@@ -367,8 +369,9 @@ class RunControl:
                                   f"({str(exc).strip().splitlines()[0][:200]}): pass the settings of that run or "
                                   f"another --output_dir") from None
         epoch, iteration = int(checkpoint["epoch"]), int(checkpoint.get("iteration", 0))
+        samples_done = int(checkpoint.get("samples_done", iteration * args.total_batch))
         print(f"Resuming from {path}: epoch {epoch}, iteration {iteration}")
-        if not iteration:
+        if not samples_done:  # the start of the epoch
             return ResumePoint(epoch)
         rng = checkpoint.get("rng") or []
         same_layout = (checkpoint.get("world_size") == args.world_size == len(rng) and
@@ -376,8 +379,7 @@ class RunControl:
         if not same_layout:
             print(f"Note: {path} was written with another number of processes or batch size: epoch {epoch} goes "
                   f"on with the images it had not seen, but not bit-identically to an uninterrupted run")
-        samples_done = checkpoint.get("samples_done", iteration * args.total_batch)
-        return ResumePoint(epoch, int(samples_done), rng[args.rank] if same_layout else None,
+        return ResumePoint(epoch, samples_done, rng[args.rank] if same_layout else None,
                            checkpoint.get("epoch_meters"), int(checkpoint.get("bad_images", 0)))
 
     def save(self, epoch: int, progress: Optional[dict] = None, archive: Optional[int] = None) -> str:

@@ -17,6 +17,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import struct
 import sys
 import time
@@ -35,6 +36,8 @@ from torchvision import transforms as pth_transforms
 
 import vision_transformer as vits
 from transforms import IMAGENET_MEAN, IMAGENET_STD
+
+REPO_DIR = os.path.dirname(os.path.abspath(__file__))  # the shipped test.png and data/sample are here
 
 DINO_URL = "https://dl.fbaipublicfiles.com/dino/"
 OFFICIAL_WEIGHTS = {
@@ -132,7 +135,8 @@ def model_args(parser: argparse.ArgumentParser, arch: str = "vit_small", patch_s
                             help="Run on the GPU when one is available (false: always on the CPU).")
     parser.add_argument("--arch", default=None, type=str, help="Architecture: vit_tiny, vit_small or vit_base "
                         f"(default: the one saved in the checkpoint's args, else {arch}).")
-    parser.add_argument("--patch_size", default=None, type=int, help="Patch resolution of the model (default: "
+    parser.add_argument("--patch_size", default=None, type=bounded(int, low=1),
+                        help="Patch resolution of the model (default: "
                         f"the one saved in the checkpoint's args, else {patch_size}).")
     parser.add_argument("--checkpoint_key", default="teacher", type=str,
                         help='Key of the checkpoint to evaluate (e.g. "teacher" or "student").')
@@ -1125,9 +1129,14 @@ def extract_features(model: nn.Module, data_loader: torch.utils.data.DataLoader,
 HELD_OUT_SPLITS = {"val", "valid", "validation", "test"}  # never trained on
 
 
+def cpp_compiler_available() -> bool:
+    """Whether torch.compile's CPU backend (inductor) finds a C++ compiler."""
+    return any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++"))
+
+
 def default_data_path() -> str:
     """The sample photos shipped with the code."""
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sample")
+    return os.path.join(REPO_DIR, "data", "sample")
 
 
 class ImageList(torch.utils.data.Dataset):

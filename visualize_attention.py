@@ -37,7 +37,7 @@ COLORMAP = "viridis"
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Visualize the [CLS] self-attention of a ViT", add_help=False)
     utils.model_args(parser, *DEFAULT_MODEL)
-    parser.add_argument("--image_path", default="test.png", type=str,
+    parser.add_argument("--image_path", default=os.path.join(utils.REPO_DIR, "test.png"), type=str,
                         help="Image to look at (default: the shipped test.png).")
     parser.add_argument("--image_size", default=(480, 480), type=int, nargs="+",
                         help="Resize the image to HEIGHT WIDTH (default 480 480, as DINO), or with one value its "
@@ -160,11 +160,16 @@ def main(args: argparse.Namespace) -> torch.Tensor:
     utils.load_pretrained_weights(model, args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size)
     model.to(device).eval()
     maps = cls_attention(model, tensor.to(device)).float().cpu()  # (heads, h, w)
-    for path in write_outputs(np.asarray(image), maps, args):
+    try:
+        written = write_outputs(np.asarray(image), maps, args)
+    except OSError as exc:
+        raise utils.UserError(f"cannot write the PNGs to --output_dir {args.output_dir}: {exc.strerror or exc}") \
+            from None
+    for path in written:
         print(f"wrote {path}")
     return maps
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser("Visualize the [CLS] self-attention of a ViT", parents=[get_args_parser()])
+    parser = utils.ArgumentParser("Visualize the [CLS] self-attention of a ViT", parents=[get_args_parser()])
     utils.run_cli(main, parser.parse_args())

@@ -45,7 +45,7 @@ MATCHES_INCHES = 10.0  # width of matches.png
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Visualize the patch features of a ViT", add_help=False)
     utils.model_args(parser, *DEFAULT_MODEL)
-    parser.add_argument("--image_paths", default=["test.png"], type=str, nargs="+",
+    parser.add_argument("--image_paths", default=[os.path.join(utils.REPO_DIR, "test.png")], type=str, nargs="+",
                         help="One or more images for the PCA colours (default: the shipped test.png); with two, also "
                              "their correspondences.")
     parser.add_argument("--image_size", default=(480,), type=int, nargs="+",
@@ -264,15 +264,19 @@ def main(args: argparse.Namespace) -> dict:
     model.to(device).eval()
     images = [np.asarray(image) for image, _ in loaded]  # (H, W, 3) each
     features = [patch_features(model, tensor.to(device)).float().cpu() for _, tensor in loaded]  # (h, w, D) each
-    os.makedirs(args.output_dir, exist_ok=True)
-    result = {"pca": write_pca(images, features, args), "matches": []}
-    if len(images) == 2 and args.topk:
-        result["matches"] = write_matches(images, features, args)
-    elif len(images) > 2 and args.topk:
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+        result = {"pca": write_pca(images, features, args), "matches": []}
+        if len(images) == 2 and args.topk:
+            result["matches"] = write_matches(images, features, args)
+    except OSError as exc:
+        raise utils.UserError(f"cannot write the PNGs to --output_dir {args.output_dir}: {exc.strerror or exc}") \
+            from None
+    if len(images) > 2 and args.topk:
         print("Correspondences are drawn for exactly two images: pass two --image_paths to see them")
     return result
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser("Visualize the patch features of a ViT", parents=[get_args_parser()])
+    parser = utils.ArgumentParser("Visualize the patch features of a ViT", parents=[get_args_parser()])
     utils.run_cli(main, parser.parse_args())

@@ -124,7 +124,7 @@ def test_cls_only_loss_center_and_gradient_equal_dino(B, n_local, teacher_temp, 
     student_views = [torch.randn(B, K, dtype=torch.float64).float() * 3 for _ in range(V)]
     teacher_views = [torch.randn(B, K) * 0.1 for _ in range(2)]  # teacher_temp-sized: a soft teacher
     center = torch.randn(1, 1, K) * 0.05
-    batch = pwd.collate_multicrop([([torch.zeros(3, 4, 4)] * V, pwd.cls_only_matches(V))] * B)
+    batch = pwd.collate_multicrop([([torch.zeros(3, 4, 4)] * V, patch_matching.cls_only_matches(V))] * B)
     plan = pwd.make_loss_plan(*batch[1:], view_tokens=[1] * V, teacher_tokens=1)
     assert torch.equal(plan.student_rows, torch.arange(V * B))  # [CLS] of every view, view by view
 
@@ -151,7 +151,7 @@ def test_teacher_temperature_warmup_schedule():
     K, B = 16, 2
     student_views = [torch.randn(B, K) for _ in range(3)]
     teacher_views = [torch.randn(B, K) * 0.1 for _ in range(2)]
-    batch = pwd.collate_multicrop([([torch.zeros(3, 4, 4)] * 3, pwd.cls_only_matches(3))] * B)
+    batch = pwd.collate_multicrop([([torch.zeros(3, 4, 4)] * 3, patch_matching.cls_only_matches(3))] * B)
     plan = pwd.make_loss_plan(*batch[1:], view_tokens=[1] * 3, teacher_tokens=1)
     loss_fn = make_loss(K, 1, 0.04, torch.zeros(1, 1, K), warmup_temp=0.07, warmup_epochs=3)
     loss, _ = loss_fn(gather_student([s[:, None] for s in student_views], plan),
@@ -165,7 +165,7 @@ def test_loss_under_mixed_precision_is_computed_in_float32():
     equal the float32 ones: autocast would otherwise run the row dot products in half precision."""
     torch.manual_seed(0)
     K, B = 4096, 4
-    batch = pwd.collate_multicrop([([torch.zeros(3, 4, 4)] * 4, pwd.cls_only_matches(4))] * B)
+    batch = pwd.collate_multicrop([([torch.zeros(3, 4, 4)] * 4, patch_matching.cls_only_matches(4))] * B)
     plan = pwd.make_loss_plan(*batch[1:], view_tokens=[1] * 4, teacher_tokens=1)
     student, teacher = torch.randn(4 * B, K) * 3, torch.randn(2 * B, 1, K) * 0.3
     results = []
@@ -364,7 +364,7 @@ def test_matched_token_changes_loss_unmatched_and_padding_do_not():
 
 
 def test_fewer_than_two_views_is_a_value_error():
-    batch = pwd.collate_multicrop([([torch.zeros(3, 4, 4)] * 2, pwd.cls_only_matches(2))])
+    batch = pwd.collate_multicrop([([torch.zeros(3, 4, 4)] * 2, patch_matching.cls_only_matches(2))])
     with pytest.raises(ValueError, match="at least 2 views"):
         pwd.make_loss_plan(*batch[1:], view_tokens=[1], teacher_tokens=1)
     with pytest.raises(ValueError):
@@ -414,7 +414,7 @@ def test_cls_only_training_step_equals_dino(B, n_local, teacher_temp, epoch):
     torch.manual_seed(10 + B)
     V = 2 + n_local
     crops = [torch.randn(B, 3, 32, 32) for _ in range(2)] + [torch.randn(B, 3, 16, 16) for _ in range(n_local)]
-    batch = pwd.collate_multicrop([([c[b] for c in crops], pwd.cls_only_matches(V)) for b in range(B)])
+    batch = pwd.collate_multicrop([([c[b] for c in crops], patch_matching.cls_only_matches(V)) for b in range(B)])
     student = tiny_wrapper(0)
     teacher = copy.deepcopy(student)
     for p in teacher.parameters():
@@ -525,7 +525,7 @@ def test_bfloat16_autocast_step_is_close_to_float32():
 
 
 def test_compile_without_a_cpp_compiler_on_cpu_is_a_user_error(monkeypatch):
-    monkeypatch.setattr(pwd.shutil, "which", lambda name: None)
+    monkeypatch.setattr(utils.shutil, "which", lambda name: None)
     model = tiny_wrapper(0)
     with pytest.raises(utils.UserError, match="needs a C.. compiler"):
         pwd.compile_blocks(model, torch.device("cpu"))

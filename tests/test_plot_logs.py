@@ -110,3 +110,12 @@ def test_training_and_evaluation_scripts_do_not_import_matplotlib():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_a_log_that_cannot_be_decoded_is_skipped_with_a_note(tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "log.txt").write_bytes(b'{"epoch": 0, "train_loss": \xff\xfe}\n')
+    plot([str(bad), write_run(tmp_path / "good", 2)], tmp_path / "c.png")
+    assert "skipped " + str(bad) + ": cannot read its log.txt" in capsys.readouterr().out
+    assert os.path.isfile(tmp_path / "c.png")

@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+import patch_matching
 import patch_wise_dino as pwd
 import run_control
 import utils
@@ -268,7 +269,7 @@ def test_bad_image_stops_training_by_default_and_is_skipped_on_request(tmp_path,
 
 
 def test_collate_drops_bad_items_and_an_empty_batch_is_none():
-    item = ([torch.zeros(3, 4, 4)] * 3, pwd.cls_only_matches(3))
+    item = ([torch.zeros(3, 4, 4)] * 3, patch_matching.cls_only_matches(3))
     batch, skipped = pwd.collate_dropping_bad([item, None, item])
     assert skipped == 1 and batch.crops[0].shape == (2, 3, 4, 4) and batch.mask.shape[1] == 2
     assert pwd.collate_dropping_bad([None, None]) == (None, 2)
@@ -480,3 +481,29 @@ def test_progress_shows_small_learning_rates():
     logger, _ = pwd.epoch_loggers()
     logger.update(loss=1.0, lr=1.95e-06)
     assert "lr: 1.950e-06" in str(logger)
+
+
+def test_a_log_line_cut_off_while_being_appended_is_dropped_on_resume(tmp_path):
+    """A run killed while appending its log line leaves a last line without its newline; the resumed run's line
+    must not be glued onto it (plot_logs could not read that epoch)."""
+    lines = [json.dumps({"epoch": e, "train_loss": 1.0}) + "\n" for e in range(3)]
+    (tmp_path / "log.txt").write_text("a note of the user's\n" + "".join(lines[:2]) + lines[2][:12])
+    run_control.drop_log_lines_from(str(tmp_path), 2)
+    utils.append_json_log(str(tmp_path), {"epoch": 2, "train_loss": 0.5})
+    text = (tmp_path / "log.txt").read_text().splitlines()
+    assert text[0] == "a note of the user's" and [json.loads(line)["epoch"] for line in text[1:]] == [0, 1, 2]
+    run_control.drop_log_lines_from(str(tmp_path), 1)  # a resume at epoch 1 drops the lines of epochs 1 and 2
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "log.txt").read_text().splitlines()[1:]] == [0]
+
+
+def test_a_checkpoint_inside_an_epoch_before_its_first_step_keeps_its_position(tmp_path):
+    """Resumed with a larger total batch, a run may stop before its first step: its checkpoint says iteration 0
+    but samples_done > 0, and the next run must continue after those samples, not redo the epoch."""
+    args = argparse.Namespace(world_size=1, rank=0, batch_size_per_gpu=8, total_batch=8, output_dir=str(tmp_path))
+    run = run_control.RunControl(args, same_settings=())
+    run.parts = {}
+    for iteration, samples_done, expected in ((0, 6, 6), (0, 0, 0), (3, 30, 30)):
+        checkpoint = {"epoch": 4, "iteration": iteration, "samples_done": samples_done, "world_size": 1,
+                      "rng": [None], "args": argparse.Namespace(batch_size_per_gpu=4)}
+        start = run._restore_parts(checkpoint, "checkpoint.pth")
+        assert (start.epoch, start.samples_done) == (4, expected)

@@ -110,7 +110,7 @@ def test_resume_gives_the_same_teacher_as_an_uninterrupted_run(tmp_path, fresh_p
            [line["train_loss"] for line in read_log(tmp_path / "resumed")]
 
 
-@pytest.mark.skipif(not pwd.cpp_compiler_available(), reason="torch.compile on the CPU needs a C++ compiler")
+@pytest.mark.skipif(not utils.cpp_compiler_available(), reason="torch.compile on the CPU needs a C++ compiler")
 def test_compile_gives_the_same_losses_and_checkpoint_layout(tmp_path, fresh_process_group):
     """--compile true compiles blocks and heads in place: same losses and weights as eager, same state-dict keys."""
     write_images(tmp_path / "data", 4)

@@ -128,3 +128,20 @@ def test_bad_input_is_a_one_line_error(tmp_path, checkpoint8):
                            (["--image_size", "4", "5", "6"], "--image_size takes one")):
         with pytest.raises(utils.UserError, match=message):
             va.main(_args(tmp_path, "--pretrained_weights", checkpoint8, "--image_path", "test.png", *flags))
+
+
+def test_flag_errors_and_an_unwritable_output_dir_are_one_line_errors(tmp_path, checkpoint8):
+    result = run_script("visualize_attention.py", ["--patch_size", "0", "--use_cuda", "false"])
+    assert_one_line_error(result, "--patch_size", "at least 1")
+    result = run_script("visualize_attention.py", ["--threshold", "most"])
+    assert_one_line_error(result, "--threshold", "most")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(utils.UserError, match="cannot write the PNGs to --output_dir .*a_file"):
+        va.main(_args(tmp_path, "--pretrained_weights", checkpoint8, "--image_size", "32",
+                      "--output_dir", str(blocker)))
+
+
+def test_the_default_image_is_found_from_any_working_directory(tmp_path):
+    path = _args(tmp_path).image_path
+    assert os.path.isabs(path) and os.path.basename(path) == "test.png" and os.path.isfile(path)

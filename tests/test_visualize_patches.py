@@ -153,3 +153,13 @@ def test_bad_input_is_a_one_line_error(tmp_path, checkpoint8):
                            (["--topk", "-1"], "--topk must be 0 or more")):
         with pytest.raises(utils.UserError, match=message):
             vp.main(_args(tmp_path, "--pretrained_weights", checkpoint8, *flags))
+
+
+def test_an_unwritable_output_dir_is_a_one_line_error(tmp_path, checkpoint8):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(utils.UserError, match="cannot write the PNGs to --output_dir .*a_file"):
+        vp.main(_args(tmp_path, "--pretrained_weights", checkpoint8, "--image_size", "32",
+                      "--output_dir", str(blocker)))
+    result = run_script("visualize_patches.py", ["--patch_size", "0"])
+    assert_one_line_error(result, "--patch_size", "at least 1")

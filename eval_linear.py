@@ -287,7 +287,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.image_size % args.patch_size:
         raise utils.UserError(f"--image_size {args.image_size} is not a multiple of --patch_size {args.patch_size}")
     if args.resize_size is None:
-        args.resize_size = round(args.image_size * 256 / 224)
+        args.resize_size = utils.eval_resize_size(args.image_size)
     if args.resize_size < args.image_size:
         raise utils.UserError(f"--resize_size {args.resize_size} is smaller than --image_size {args.image_size}")
     for name in ("epochs", "batch_size_per_gpu", "val_freq", "n_last_blocks"):

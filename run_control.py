@@ -219,6 +219,11 @@ def load_run_checkpoint(args: argparse.Namespace, same_settings: Sequence[str]) 
     return None, "", None
 
 
+def describe_checkpoint(path: str, checkpoint: dict) -> str:
+    """``"PATH (epoch E, iteration I)"``: where a run continues from that checkpoint, for messages."""
+    return f"{path} (epoch {checkpoint['epoch']}, iteration {checkpoint.get('iteration', 0)})"
+
+
 def check_same_settings(args: argparse.Namespace, checkpoint: dict, path: str, names: Sequence[str]) -> None:
     """Refuse to continue a run whose ``names`` settings (model, optimizer) differ from this run's."""
     saved = checkpoint.get("args")
@@ -336,8 +341,7 @@ class RunControl:
                 os.replace(corrupt, corrupt + ".corrupt")
             utils.remove_partial_writes(self.args.output_dir, "checkpoint")  # checkpoint.pth, .prev, NNNN
         if self.checkpoint is not None:
-            epoch, iteration = self.checkpoint["epoch"], self.checkpoint.get("iteration", 0)
-            self.last_checkpoint = f"{self.checkpoint_path} (epoch {epoch}, iteration {iteration})"
+            self.last_checkpoint = describe_checkpoint(self.checkpoint_path, self.checkpoint)
 
     def restore(self, parts: Dict[str, Any]) -> ResumePoint:
         """Load ``parts`` from the checkpoint read by ``load`` and return where the run continues (all
@@ -397,7 +401,7 @@ class RunControl:
             utils.atomic_save(checkpoint, path, previous=os.path.join(self.args.output_dir, PREVIOUS_CHECKPOINT))
             if archive is not None:
                 utils.atomic_save(checkpoint, os.path.join(self.args.output_dir, f"checkpoint{archive:04}.pth"))
-        self.last_checkpoint = f"{path} (epoch {epoch}, iteration {checkpoint['iteration']})"
+        self.last_checkpoint = describe_checkpoint(path, checkpoint)
         return self.last_checkpoint
 
     def epochs(self, sampler: ResumableSampler) -> Iterator[int]:

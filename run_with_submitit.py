@@ -49,7 +49,6 @@ import patch_wise_dino
 import run_control
 import utils
 
-REPO = os.path.dirname(os.path.abspath(__file__))
 JOB_NAME = "patch_wise_dino"
 DINO_WORKERS = 10  # DINO's data-loading workers per task, and the CPUs per task it asks SLURM for
 MEM_GB_PER_GPU = 40  # DINO's request: 40 GB of host memory per GPU (SLURM's --mem is per node)
@@ -152,7 +151,7 @@ def executor_parameters(args: argparse.Namespace) -> dict:
     """submitit's ``AutoExecutor`` parameters: one task per GPU, a CPU per data-loading worker (at least one),
     DINO's memory per GPU, the optional SLURM options given, and the repository on the tasks' PYTHONPATH
     (they unpickle the Trainer)."""
-    setup = [f"export PYTHONPATH={shlex.quote(REPO)}${{PYTHONPATH:+:$PYTHONPATH}}"]
+    setup = [f"export PYTHONPATH={shlex.quote(utils.REPO_DIR)}${{PYTHONPATH:+:$PYTHONPATH}}"]
     parameters = {"name": JOB_NAME, "nodes": args.nodes, "tasks_per_node": args.ngpus, "gpus_per_node": args.ngpus,
                   "cpus_per_task": max(1, args.num_workers), "mem_gb": MEM_GB_PER_GPU * args.ngpus,
                   "timeout_min": args.timeout, "slurm_signal_delay_s": args.signal_delay_s,

@@ -590,6 +590,11 @@ def load_checkpoint(path: str, map_location: Any = "cpu", mmap: bool = False) ->
 # ----------------------------------------------------------------------------------------------------
 # Models and weights
 # ----------------------------------------------------------------------------------------------------
+def cpp_compiler_available() -> bool:
+    """Whether torch.compile's CPU backend (inductor) finds a C++ compiler."""
+    return any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++"))
+
+
 def build_backbone(arch: str, patch_size: int, **kwargs: Any) -> nn.Module:
     """A ViT from its name (``vit_tiny``, ``vit_small``, ``vit_base``) with the given patch size."""
     if arch not in vits.VIT_ARCHS:
@@ -781,9 +786,8 @@ def image_for_vit(path: str, image_size: Sequence[int], patch_size: int) -> Tupl
                         f"--image_size")
     image = image.resize((width, height), Image.Resampling.BICUBIC)
     image = image.crop((0, 0, width - width % patch_size, height - height % patch_size))
-    tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255.0  # (3, H', W')
-    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
-    return image, (tensor - mean) / std  # (3, H', W')
+    tensor = pth_transforms.functional.to_tensor(image)  # (3, H', W') in [0, 1]
+    return image, pth_transforms.functional.normalize(tensor, IMAGENET_MEAN, IMAGENET_STD)  # (3, H', W')
 
 
 def is_hidden(name: str) -> bool:
@@ -1129,11 +1133,6 @@ def extract_features(model: nn.Module, data_loader: torch.utils.data.DataLoader,
 HELD_OUT_SPLITS = {"val", "valid", "validation", "test"}  # never trained on
 
 
-def cpp_compiler_available() -> bool:
-    """Whether torch.compile's CPU backend (inductor) finds a C++ compiler."""
-    return any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++"))
-
-
 def default_data_path() -> str:
     """The sample photos shipped with the code."""
     return os.path.join(REPO_DIR, "data", "sample")
@@ -1257,7 +1256,7 @@ def knn_search(train_features: torch.Tensor, test_features: torch.Tensor, k: int
     """
     if train_features.dim() != 2 or test_features.dim() != 2 or train_features.shape[1] != test_features.shape[1]:
         raise UserError(f"train and test features must be (N, D) with the same D, got "
-                              f"{tuple(train_features.shape)} and {tuple(test_features.shape)}")
+                        f"{tuple(train_features.shape)} and {tuple(test_features.shape)}")
     if not 1 <= k <= train_features.shape[0]:
         raise UserError(f"k must be in [1, {train_features.shape[0]}] (the training-set size), got {k}")
     backend = resolve_backend(backend, train_features.device)
@@ -1295,12 +1294,11 @@ def knn_vote(similarities: torch.Tensor, neighbor_labels: torch.Tensor, test_lab
 
 
 def check_knn_labels(train_labels: torch.Tensor, test_labels: torch.Tensor, num_train: int, num_test: int,
-                  num_classes: Optional[int]) -> int:
+                     num_classes: Optional[int]) -> int:
     """Validate the label vectors; return ``num_classes`` (default: largest label + 1)."""
     if train_labels.shape != (num_train,) or test_labels.shape != (num_test,):
         raise UserError(f"labels do not match the features: {num_train} train and {num_test} test "
-                              f"features, labels of shape {tuple(train_labels.shape)} and "
-                              f"{tuple(test_labels.shape)}")
+                        f"features, labels of shape {tuple(train_labels.shape)} and {tuple(test_labels.shape)}")
     labels = torch.cat((train_labels.cpu(), test_labels.cpu()))  # (N_train + N_test,)
     if labels.numel() and labels.min().item() < 0:
         raise UserError(f"labels must be non-negative, found {labels.min().item()}")
@@ -1323,7 +1321,7 @@ def knn_classifier(train_features: torch.Tensor, train_labels: torch.Tensor, tes
     ``backend`` is ``torch``, ``faiss`` or None/``auto`` (torch on CUDA, faiss on CPU).
     """
     num_classes = check_knn_labels(train_labels, test_labels, train_features.shape[0], test_features.shape[0],
-                                num_classes)
+                                   num_classes)
     k = min(k, train_features.shape[0])
     similarities, indices = knn_search(train_features, test_features, k, backend, chunk_elements)
     neighbor_labels = train_labels.to(indices.device)[indices]  # (N_test, k)

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torchvision import transforms
 
+import datasets
+import eval_knn
 import utils
 
 QUERY_BLOCKS = (["original", "strong"] + [f"jpegqual/{q}" for q in (3, 5, 8, 10, 15, 20, 30, 50, 75)]
@@ -53,7 +55,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 # Data
 # ----------------------------------------------------------------------------------------------------
 class ImageListDataset(torch.utils.data.Dataset):
-    """Images from a list of paths, decoded with ``utils.open_image`` and transformed."""
+    """Images from a list of paths, decoded with ``datasets.open_image`` and transformed."""
 
     def __init__(self, paths: Sequence[str], transform: transforms.Compose):
         self.paths = list(paths)
@@ -63,21 +65,21 @@ class ImageListDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return self.transform(utils.open_image(self.paths[index]))  # (3, imsize, imsize)
+        return self.transform(datasets.open_image(self.paths[index]))  # (3, imsize, imsize)
 
 
 def find_blocks(data_path: str) -> Dict[str, List[str]]:
     """Sorted image paths of every Copydays block present under ``data_path``; ``original`` is required,
     missing query blocks are skipped with a note."""
-    utils.require_folder(data_path)
+    datasets.require_folder(data_path)
     original = os.path.join(data_path, "original")
-    if not os.path.isdir(original) or not utils.list_images(original):
+    if not os.path.isdir(original) or not datasets.list_images(original):
         raise utils.UserError(f"no images in {original}: --data_path must hold Copydays' original/ (the database) "
                               f"and its query blocks strong/, jpegqual/<q>/, crops/<c>/")
     blocks, skipped = {}, []
     for name in QUERY_BLOCKS:
         folder = os.path.join(data_path, name)
-        paths = utils.list_images(folder) if os.path.isdir(folder) else []
+        paths = datasets.list_images(folder) if os.path.isdir(folder) else []
         if paths:
             blocks[name] = paths
         else:
@@ -175,8 +177,8 @@ def main(args: argparse.Namespace) -> dict:
 
     blocks = find_blocks(args.data_path)
     positives = {name: block_positives(name, paths, blocks["original"]) for name, paths in blocks.items()}
-    distractors = utils.list_images(args.distractors_path, recursive=True) if args.distractors_path else []
-    whitening = utils.list_images(args.whitening_path, recursive=True) if args.whitening_path else []
+    distractors = datasets.list_images(args.distractors_path, recursive=True) if args.distractors_path else []
+    whitening = datasets.list_images(args.whitening_path, recursive=True) if args.whitening_path else []
     for flag, folder, paths in (("--distractors_path", args.distractors_path, distractors),
                                 ("--whitening_path", args.whitening_path, whitening)):
         if folder and not paths:
@@ -196,9 +198,9 @@ def main(args: argparse.Namespace) -> dict:
 
     def features_of(paths: Sequence[str], what: str) -> torch.Tensor:
         print(f"Extracting features of {what} ({len(paths)} images)")
-        loader = utils.feature_loader(ImageListDataset(paths, transform), args.batch_size_per_gpu,
+        loader = eval_knn.feature_loader(ImageListDataset(paths, transform), args.batch_size_per_gpu,
                                       args.num_workers)
-        return utils.extract_features(model, loader, args.device, cls_gem_features)  # (n, 2D)
+        return eval_knn.extract_features(model, loader, args.device, cls_gem_features)  # (n, 2D)
 
     all_queries = [p for paths in blocks.values() for p in paths]
     query_feats = features_of(all_queries, "the query blocks")  # (Q, 2D)

@@ -23,6 +23,8 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import functional as TF
 
+import datasets
+import eval_knn
 import utils
 
 DATASETS = ("roxford5k", "rparis6k")
@@ -68,7 +70,7 @@ def load_ground_truth(data_path: str, dataset: str) -> dict:
     if not os.path.isfile(gnd_path):
         raise utils.UserError(f"ground truth {gnd_path} not found: --data_path must hold "
                               f"{dataset}/gnd_{dataset}.pkl and {dataset}/jpg/ as prepared by the revisitop tools")
-    cfg = utils.safe_pickle_load(gnd_path)
+    cfg = datasets.safe_pickle_load(gnd_path)
     if not isinstance(cfg, dict) or not {"imlist", "qimlist", "gnd"} <= set(cfg):
         raise utils.UserError(f"{gnd_path} is not a revisitop ground truth: expected a dict with imlist, "
                               f"qimlist and gnd")
@@ -124,7 +126,7 @@ class OxfordParisDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        img = utils.open_image(self.paths[index])
+        img = datasets.open_image(self.paths[index])
         if self.boxes is not None:
             img = img.crop(self.boxes[index])
         img.thumbnail((self.imsize, self.imsize), Image.Resampling.LANCZOS)
@@ -243,8 +245,8 @@ def main(args: argparse.Namespace) -> dict:
     features = []
     for name, dataset in (("database", database), ("queries", queries)):
         print(f"Extracting features of the {name}")
-        loader = utils.feature_loader(dataset, batch_size=1, num_workers=args.num_workers)
-        features.append(utils.extract_features(model, loader, args.device, feature_fn))
+        loader = eval_knn.feature_loader(dataset, batch_size=1, num_workers=args.num_workers)
+        features.append(eval_knn.extract_features(model, loader, args.device, feature_fn))
     db_feats, q_feats = features  # (n_db, D), (n_q, D)
 
     similarity = db_feats @ q_feats.T  # (n_db, n_q) cosine: both are L2-normalised

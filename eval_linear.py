@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import transforms as pth_transforms
 
+import datasets
 import utils
 from transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -128,13 +129,13 @@ def build_transforms(image_size: int, resize_size: int) -> tuple:
         pth_transforms.ToTensor(),
         pth_transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
-    return train, utils.eval_transform(resize_size, image_size)
+    return train, datasets.eval_transform(resize_size, image_size)
 
 
 def build_loaders(args: argparse.Namespace) -> tuple:
     """(train loader or None with --evaluate, val loader, number of classes found)."""
     train_transform, val_transform = build_transforms(args.image_size, args.resize_size)
-    dataset_val = utils.build_eval_dataset(args.data_path, "val", val_transform)
+    dataset_val = datasets.build_eval_dataset(args.data_path, "val", val_transform)
     rank, world_size = utils.get_rank(), utils.get_world_size()
     pin = args.device.type == "cuda"
     val_loader = torch.utils.data.DataLoader(  # every process takes its own share, no padding
@@ -142,8 +143,8 @@ def build_loaders(args: argparse.Namespace) -> tuple:
         num_workers=args.num_workers, pin_memory=pin)
     train_loader = None
     if not args.evaluate:
-        dataset_train = utils.build_eval_dataset(args.data_path, "train", train_transform)
-        utils.check_same_classes(dataset_train, dataset_val)
+        dataset_train = datasets.build_eval_dataset(args.data_path, "train", train_transform)
+        datasets.check_same_classes(dataset_train, dataset_val)
         sampler = torch.utils.data.DistributedSampler(dataset_train, num_replicas=world_size, rank=rank,
                                                       shuffle=True, seed=args.seed)
         train_loader = torch.utils.data.DataLoader(dataset_train, sampler=sampler,
@@ -287,7 +288,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.image_size % args.patch_size:
         raise utils.UserError(f"--image_size {args.image_size} is not a multiple of --patch_size {args.patch_size}")
     if args.resize_size is None:
-        args.resize_size = utils.eval_resize_size(args.image_size)
+        args.resize_size = datasets.eval_resize_size(args.image_size)
     if args.resize_size < args.image_size:
         raise utils.UserError(f"--resize_size {args.resize_size} is smaller than --image_size {args.image_size}")
     for name in ("epochs", "batch_size_per_gpu", "val_freq", "n_last_blocks"):

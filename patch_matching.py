@@ -30,6 +30,7 @@ import cv2
 import numpy as np
 import torch
 
+import datasets
 import transforms
 import utils
 from transforms import CropGeometry
@@ -237,7 +238,7 @@ def main(args: argparse.Namespace) -> list:
         raise utils.UserError(f"--output {args.output}: OpenCV cannot write this image type; use .png or .jpg")
     if not os.path.isfile(args.image):
         raise utils.UserError(f"image {args.image} not found: pass --image with the path of an image")
-    source = transforms.to_rgb_array(utils.open_image(args.image))  # (H, W, 3)
+    source = transforms.to_rgb_array(datasets.open_image(args.image))  # (H, W, 3)
     if args.resize:
         source = transforms.resize_source(source, args.resize)  # (R, R, 3)
     torch.manual_seed(args.seed)

@@ -18,15 +18,19 @@ import functools
 import json
 import math
 import os
+import shutil
 import sys
 import time
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+import datasets
+import eval_knn
 import patch_matching
 import run_control
 import utils
@@ -35,6 +39,8 @@ from transforms import DataAugmentationPatchWiseDINO
 
 NUM_GLOBAL = 2
 TRAIN_SUBSET_SEED = 0  # --max_images takes the same images whatever --seed is
+KNN_MONITOR_K, KNN_MONITOR_T = 20, 0.07  # eval_knn.py's k = 20 result, DINO's temperature
+KNN_MONITOR_SEED = 0  # the same image subset in every epoch and every run, so their curves compare
 LR_REFERENCE_BATCH = 256  # --lr is the learning rate of a total batch of 256, scaled linearly (DINO)
 # Elements of one (rows, K) float32 temporary of the loss: 256 MB on a GPU, 8 MB (cache-sized) on the CPU.
 LOSS_CHUNK_ELEMENTS = {"cuda": 2 ** 26, "cpu": 2 ** 21}
@@ -135,7 +141,7 @@ def add_crop_and_data_args(parser: argparse.ArgumentParser) -> None:
                         help="train on a fixed random subset of at most this many images, the same for every --seed "
                              "(0: all of them), for short runs")
     parser.add_argument("--seed", default=0, type=at_least_0, help="random seed")
-    utils.knn_monitor_args(parser)  # --knn_data_path, --knn_freq, --knn_max_images
+    knn_monitor_args(parser)  # --knn_data_path, --knn_freq, --knn_max_images
     cpus_per_process = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     parser.add_argument("--num_workers", default=max(1, min(10, cpus_per_process)), type=at_least_0,
                         help="data loading processes per training process (default 10, or this node's CPUs "
@@ -178,7 +184,7 @@ def main(args: argparse.Namespace, stop_signals: Sequence[int] = run_control.STO
 
     # ============ data, student and teacher, loss, optimizer, schedules ... ============
     loader = build_loader(args)
-    monitor = utils.KNNMonitor(args.knn_data_path, args.global_size, args.knn_freq, args.epochs, args.knn_max_images,
+    monitor = KNNMonitor(args.knn_data_path, args.global_size, args.knn_freq, args.epochs, args.knn_max_images,
                                args.batch_size_per_gpu, args.num_workers) if args.knn_data_path else None
     student, teacher = build_models(args)
     num_positions = 1 + (args.global_size // args.patch_size) ** 2 if args.patch_loss else 1
@@ -200,7 +206,7 @@ def main(args: argparse.Namespace, stop_signals: Sequence[int] = run_control.STO
     start_time = time.time()
     print(f"Starting Patch-Wise DINO training from epoch {start.epoch} to {args.epochs}")
     with run, run.failures_explained():
-        for epoch in run.epochs(loader.sampler):
+        for epoch in range(start.epoch, args.epochs):
             train_stats = train_one_epoch(state, loader, schedules, epoch, args, run)
             if run.stopped:
                 break
@@ -223,19 +229,32 @@ def train_one_epoch(state: "TrainState", loader: torch.utils.data.DataLoader, sc
     """Train for one epoch (or its rest after a resume); returns the epoch averages of the printed and
     diagnostic meters (partial when a stop signal ended the epoch early: ``run.stopped``)."""
     logger, diagnostics = epoch_loggers()
+    meters = (logger, diagnostics)
+    first, batches = run.start_epoch(epoch, loader, meters)  # sampler, random state and meters of a resume
+    total = first + len(loader)
     niter = len(schedules["lr"]) // args.epochs
     last = time.time()
-    for it, batch in run.steps(loader, epoch, (logger, diagnostics), args.print_freq):
-        step = min(niter * epoch + it, len(schedules["lr"]) - 1)  # global training iteration
-        lr, wd, momentum = (float(schedules[name][step]) for name in ("lr", "wd", "momentum"))
-        values = train_step(state, batch, epoch, lr, wd, momentum, args)
-        shown = {k: values.pop(k) for k in ("loss", "loss_cls", "loss_patch") if k in values}
-        now = time.time()
-        logger.update(**shown, lr=lr, wd=wd, img_s=args.total_batch / max(now - last, 1e-9))
-        diagnostics.update(**values)
-        last = now
-    if not run.stopped:
-        print(f"Averaged stats: {logger}" + (f"  bad_images: {run.bad_images}" if args.skip_bad_images else ""))
+    for it, item in enumerate(logger.log_every(batches, args.print_freq, f"Epoch: [{epoch}/{args.epochs}]", total,
+                                               first), start=first):
+        if run.should_stop(item):  # a stop signal reached some process: all stop here, after a checkpoint
+            run.save_in_epoch(epoch, it, meters)
+            run.report_stop(f"epoch {epoch}, iteration {it} of {total}")
+            break
+        batch = run.batch_to_train(item, epoch, it)  # None: some process's images all failed to decode
+        if batch is not None:
+            step = min(niter * epoch + it, len(schedules["lr"]) - 1)  # global training iteration
+            lr, wd, momentum = (float(schedules[name][step]) for name in ("lr", "wd", "momentum"))
+            values = train_step(state, batch, epoch, lr, wd, momentum, args)
+            shown = {k: values.pop(k) for k in ("loss", "loss_cls", "loss_patch") if k in values}
+            now = time.time()
+            logger.update(**shown, lr=lr, wd=wd, img_s=args.total_batch / max(now - last, 1e-9))
+            diagnostics.update(**values)
+            last = now
+        if run.checkpoint_due(it + 1, total):  # every --saveckp_iters
+            run.save_in_epoch(epoch, it + 1, meters)
+    else:
+        bad_images = run.finish_epoch()
+        print(f"Averaged stats: {logger}" + (f"  bad_images: {bad_images}" if args.skip_bad_images else ""))
     return {name: meter.global_avg for name, meter in {**logger.meters, **diagnostics.meters}.items()}
 
 
@@ -275,7 +294,7 @@ def train_step(state: "TrainState", batch: "MultiCropBatch", epoch: int, lr: flo
         student_out = student(crops, plan.student_rows, all_tokens=args.patch_loss)  # (S, K)
         loss, stats = dino_loss(student_out, teacher_out, plan, epoch)
     del teacher_out, student_out  # the loss holds its gradient; free the (rows, K) outputs before backward
-    values = utils.all_reduce_mean(torch.stack([loss.detach().float(), *stats.values()]))  # (1 + n,)
+    values = all_reduce_mean(torch.stack([loss.detach().float(), *stats.values()]))  # (1 + n,)
     values = dict(zip(["loss", *stats], values.tolist()))
     if not math.isfinite(values["loss"]):
         raise run_control.NonFiniteLoss(values["loss"], epoch)
@@ -521,7 +540,7 @@ class PatchWiseDINOLoss(nn.Module):
     def update_center(self, teacher_out: torch.Tensor) -> None:
         """EMA of the per-position batch mean of the teacher outputs, averaged over all processes."""
         batch_center = teacher_out.sum(0, keepdim=True, dtype=torch.float32) / len(teacher_out)  # (1, T, K)
-        utils.all_reduce_mean(batch_center)
+        all_reduce_mean(batch_center)
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
 
 
@@ -600,14 +619,22 @@ def collate_dropping_bad(items: Sequence) -> tuple:
     return (collate_multicrop(good) if good else None), len(items) - len(good)
 
 
+def subset_indices(size: int, max_items: int, seed: Sequence[int]) -> Optional[list]:
+    """Sorted indices of a random subset of ``max_items`` of ``size`` items, the same for the same ``seed``;
+    None when ``max_items`` is 0 or not below ``size`` (keep everything)."""
+    if not 0 < max_items < size:
+        return None
+    return np.sort(np.random.default_rng(list(seed)).choice(size, max_items, replace=False)).tolist()
+
+
 def build_loader(args: argparse.Namespace) -> torch.utils.data.DataLoader:
     """Multi-crop data with matches, split over the processes by a shuffling, resumable sampler."""
     transform = DataAugmentationPatchWiseDINO(args.global_crops_scale, args.local_crops_scale,
                                               args.local_crops_number, args.patch_size, args.global_size,
                                               args.local_size, args.resize)
-    data_path = args.data_path or utils.default_data_path()
-    images = utils.build_image_source(data_path)
-    keep = utils.subset_indices(len(images), args.max_images, (TRAIN_SUBSET_SEED,))
+    data_path = args.data_path or datasets.default_data_path()
+    images = datasets.build_image_source(data_path)
+    keep = subset_indices(len(images), args.max_images, (TRAIN_SUBSET_SEED,))
     if keep is not None:
         print(f"Training on a fixed random subset of {len(keep)} of the {len(images)} images (--max_images)")
         images = torch.utils.data.Subset(images, keep)
@@ -635,11 +662,16 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def cpp_compiler_available() -> bool:
+    """Whether torch.compile's CPU backend (inductor) finds a C++ compiler."""
+    return any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++"))
+
+
 def compile_blocks(model: vits.MultiCropWrapper, device: torch.device) -> None:
     """torch.compile every transformer block and the head in place (``Module.compile``), so state-dict keys,
     DDP and checkpoints are unchanged. The heads see a different number of tokens each step: their first
     recompilation makes that dimension dynamic instead of compiling again for every count."""
-    if device.type == "cpu" and not utils.cpp_compiler_available():
+    if device.type == "cpu" and not cpp_compiler_available():
         raise utils.UserError("--compile true on the CPU needs a C++ compiler (g++ or clang++, or set CXX): "
                               "install one, or train with --compile false")
     # The blocks run inside DDP's forward, whose own hooks bucket their gradients: dynamo's DDP graph splitter
@@ -689,14 +721,38 @@ def build_optimizer(args: argparse.Namespace, student: nn.Module) -> torch.optim
     return utils.LARS(groups)  # --optimizer lars: argparse allows nothing else
 
 
+def cosine_scheduler(base_value: float, final_value: float, epochs: int, niter_per_ep: int,
+                     warmup_epochs: int = 0, start_warmup_value: float = 0.0) -> np.ndarray:
+    """Per-iteration values: linear warm-up from ``start_warmup_value`` to ``base_value`` over
+    ``warmup_epochs`` (its last step reaches ``base_value``, as in DINO), then a half cosine from
+    ``base_value`` down to ``final_value``."""
+    total = epochs * niter_per_ep
+    warmup_iters = min(warmup_epochs * niter_per_ep, total)
+    warmup = np.linspace(start_warmup_value, base_value, warmup_iters)
+    steps = np.arange(total - warmup_iters)
+    cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * steps / max(len(steps), 1)))
+    schedule = np.concatenate((warmup, cosine))
+    assert len(schedule) == total
+    return schedule
+
+
 def build_schedules(args: argparse.Namespace, niter_per_ep: int) -> dict:
     """Per-iteration lr (linear scaling with the total batch, warm-up, cosine), weight decay, teacher momentum."""
     return {
-        "lr": utils.cosine_scheduler(args.lr * args.total_batch / LR_REFERENCE_BATCH, args.min_lr, args.epochs,
+        "lr": cosine_scheduler(args.lr * args.total_batch / LR_REFERENCE_BATCH, args.min_lr, args.epochs,
                                      niter_per_ep, warmup_epochs=args.warmup_epochs),
-        "wd": utils.cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, niter_per_ep),
-        "momentum": utils.cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, niter_per_ep),
+        "wd": cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, niter_per_ep),
+        "momentum": cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, niter_per_ep),
     }
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Average a tensor over all processes, in place; a no-op in a single process."""
+    world_size = utils.get_world_size()
+    if world_size > 1:
+        torch.distributed.all_reduce(tensor)
+        tensor.div_(world_size)
+    return tensor
 
 
 class Precision(NamedTuple):
@@ -723,6 +779,97 @@ def setup_precision(args: argparse.Namespace) -> Precision:
         return Precision(device_type, torch.bfloat16, None)
     print("Mixed precision: float16 autocast with a gradient scaler")
     return Precision(device_type, torch.float16, torch.amp.GradScaler("cuda"))
+
+
+
+# ----------------------------------------------------------------------------------------------------
+# k-NN monitor of the teacher during training
+# ----------------------------------------------------------------------------------------------------
+def knn_monitor_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the flags of the training's k-NN monitor (``KNNMonitor``) to ``parser``; returns it."""
+    parser.add_argument("--knn_data_path", default=None, type=str,
+                        help="labelled dataset (any layout eval_knn.py reads) on which the teacher's weighted 20-NN "
+                             "accuracy is measured at --global_size: knn_top1/knn_top5 in log.txt (default: none)")
+    parser.add_argument("--knn_freq", default=1, type=utils.bounded(int, low=1),
+                        help="run the k-NN monitor after every this many epochs, and after the last")
+    parser.add_argument("--knn_max_images", default=0, type=utils.bounded(int, low=0),
+                        help="k-NN monitor on a fixed random subset of at most this many train and as many val "
+                             "images, to keep it cheap (0: all of them)")
+    return parser
+
+
+def seeded_subset(dataset: torch.utils.data.Dataset, max_items: int,
+                  seed: Sequence[int]) -> Tuple[torch.utils.data.Dataset, torch.Tensor]:
+    """``dataset`` and its labels (N,), or with ``0 < max_items < len(dataset)`` a random subset of
+    ``max_items`` of its items (in dataset order, the same for the same ``seed``) and their labels."""
+    labels = torch.as_tensor(dataset.targets, dtype=torch.long)  # (N,)
+    keep = subset_indices(len(dataset), max_items, seed)
+    if keep is not None:
+        dataset, labels = torch.utils.data.Subset(dataset, keep), labels[keep]
+    return dataset, labels
+
+
+class KNNMonitor:
+    """The weighted k-NN accuracy of a backbone's [CLS] features (k = 20, T = 0.07), to watch a training run.
+
+    The train and val splits of ``data_path`` (any layout ``datasets.build_eval_dataset`` reads) pass through the
+    evaluation transform at ``image_size`` (resize ``datasets.eval_resize_size(image_size)``, center crop); with
+    ``max_images`` each split is cut to a fixed random subset of at most that many images. Features are
+    extracted as in ``eval_knn.py`` (split over the processes, gathered by index: every image counts once)
+    and classified by the same ``eval_knn.knn_classifier``, so without a cap the numbers are those of
+    ``eval_knn.py --nb_knn 20 --resize_size R --crop_size S`` on the same weights. It runs after every
+    ``freq``-th epoch and after the last of ``epochs``; every process must call it (extraction is a collective).
+    """
+
+    def __init__(self, data_path: str, image_size: int, freq: int, epochs: int, max_images: int = 0,
+                 batch_size: int = 64, num_workers: int = 0):
+        datasets.require_folder(data_path, "--knn_data_path")
+        resize = datasets.eval_resize_size(image_size)
+        train = datasets.build_eval_dataset(data_path, "train", datasets.eval_transform(resize, image_size))
+        val = datasets.build_eval_dataset(data_path, "val", datasets.eval_transform(resize, image_size))
+        datasets.check_same_classes(train, val)
+        self.splits = [seeded_subset(dataset, max_images, (KNN_MONITOR_SEED, i))  # [(dataset, labels (N,))]
+                       for i, dataset in enumerate((train, val))]
+        self.num_classes, self.freq, self.epochs = len(train.classes), freq, epochs
+        self.batch_size, self.num_workers = batch_size, num_workers
+        (train_used, _), (val_used, _) = self.splits
+        whole = len(train_used) == len(train) and len(val_used) == len(val)
+        same = f": the numbers of eval_knn.py --resize_size {resize} --crop_size {image_size}" if whole else ""
+        print(f"k-NN monitor: {len(train_used)} of {len(train)} train and {len(val_used)} of {len(val)} val images "
+              f"from {data_path}, resized to {resize} and center-cropped to {image_size}, k = {KNN_MONITOR_K}, "
+              f"after {'every epoch' if freq == 1 else f'every {freq} epochs and after the last'}{same}")
+
+    def due(self, epoch: int) -> bool:
+        """Whether the monitor runs after ``epoch`` (0-based)."""
+        return (epoch + 1) % self.freq == 0 or epoch + 1 == self.epochs
+
+    def accuracy(self, backbone: nn.Module, device: torch.device) -> Tuple[float, float]:
+        """Top-1 and top-5 accuracy (percent) of ``backbone``; its train/eval mode is left as it was."""
+        training, features = backbone.training, []
+        backbone.eval()
+        try:
+            for dataset, _ in self.splits:
+                loader = eval_knn.feature_loader(dataset, self.batch_size, self.num_workers)
+                feats = eval_knn.extract_features(backbone, loader, device, print_freq=10 ** 9)  # (N, D)
+                features.append(F.normalize(feats, dim=1).to(device))  # (N, D)
+        finally:
+            backbone.train(training)
+        (_, train_labels), (_, val_labels) = self.splits
+        return eval_knn.knn_classifier(features[0], train_labels.to(device), features[1], val_labels.to(device),
+                              KNN_MONITOR_K, KNN_MONITOR_T, num_classes=self.num_classes)
+
+    def after_epoch(self, backbone: nn.Module, epoch: int, device: torch.device) -> dict:
+        """``{}`` when the monitor does not run after ``epoch``; else ``knn_top1``, ``knn_top5`` and
+        ``knn_seconds`` (the time it took), also printed."""
+        if not self.due(epoch):
+            return {}
+        start = time.time()
+        top1, top5 = self.accuracy(backbone, device)
+        seconds = time.time() - start
+        print(f"k-NN monitor after epoch {epoch}: top-1 {top1:.2f}  top-5 {top5:.2f} ({KNN_MONITOR_K}-NN of "
+              f"{len(self.splits[1][0])} val among {len(self.splits[0][0])} train images, {seconds:.1f} s)",
+              flush=True)
+        return {"knn_top1": top1, "knn_top5": top5, "knn_seconds": seconds}
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import signal
 import sys
 import tempfile
 import threading
-from typing import Any, Dict, Iterator, NamedTuple, Optional, Sequence
+from typing import Any, Dict, Iterator, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -308,9 +308,28 @@ class RunControl:
     ``same_settings``: argument names a continued run must share with the checkpoint.
     ``stop_signals``: the signals that stop the run at an agreed point; after such a stop, ``stopped_by``
     holds those that any process received (the same in every process).
-    Use: ``run.load()`` early (a run of another model is refused before any work), ``run.restore(parts)``
-    once the parts exist, then ``with run:`` around the epochs, ``run.steps(...)`` as the batches of an
-    epoch and ``run.end_epoch(...)`` after each."""
+    Use (``patch_wise_dino.py`` has the full loop)::
+
+        run = RunControl(args, same_settings=("arch", "patch_size"))
+        run.load()  # early: a checkpoint of another model is refused before any work
+        start = run.restore({"student": student, "teacher": teacher, "optimizer": optimizer})
+        with run:  # stop signals now only set a flag
+            for epoch in range(start.epoch, args.epochs):
+                first, batches = run.start_epoch(epoch, loader, meters)
+                for it, item in enumerate(batches, start=first):
+                    if run.should_stop(item):  # all processes agree
+                        run.save_in_epoch(epoch, it, meters)
+                        run.report_stop(f"epoch {epoch}, iteration {it}")
+                        break
+                    batch = run.batch_to_train(item, epoch, it)
+                    ...  # train on batch unless it is None
+                    if run.checkpoint_due(it + 1, first + len(loader)):
+                        run.save_in_epoch(epoch, it + 1, meters)
+                else:
+                    run.finish_epoch()
+                if run.stopped or not run.end_epoch(epoch, log_stats):
+                    break
+    """
 
     def __init__(self, args: argparse.Namespace, same_settings: Sequence[str],
                  stop_signals: Sequence[int] = STOP_SIGNALS):
@@ -322,7 +341,8 @@ class RunControl:
         self.start = ResumePoint()
         self.last_checkpoint = "none (nothing was saved yet)"
         self.position = (0, 0)  # (epoch, iteration) of the step running, named in error messages
-        self.stopped, self.bad_images = False, 0
+        self.resume = ResumePoint()  # where the current epoch began
+        self.stopped, self.bad_images, self.epoch_bad_images = False, 0, 0
         self.stopped_by: tuple = ()  # after an agreed stop: the stop signals any process received
 
     def __enter__(self) -> "RunControl":
@@ -404,54 +424,62 @@ class RunControl:
         self.last_checkpoint = describe_checkpoint(path, checkpoint)
         return self.last_checkpoint
 
-    def epochs(self, sampler: ResumableSampler) -> Iterator[int]:
-        """The epochs left, each with ``sampler`` set to it (and to the resume point inside the first)."""
-        for epoch in range(self.start.epoch, self.args.epochs):
-            sampler.set_epoch(epoch)
-            sampler.set_start(self.start.samples_done if epoch == self.start.epoch else 0)
-            yield epoch
-
-    def steps(self, loader: torch.utils.data.DataLoader, epoch: int, loggers: Sequence[utils.MetricLogger],
-              print_freq: int) -> Iterator[tuple]:
-        """``(iteration, batch)`` of the steps to run in ``epoch``, with progress printed through
-        ``loggers[0]``. Before each step the processes agree whether to stop (then a checkpoint is written,
-        ``stopped`` is set and the epoch ends); a batch whose images all failed to decode in some process is
-        skipped by all (``--skip_bad_images``); ``checkpoint.pth`` is written every ``--saveckp_iters``."""
+    def start_epoch(self, epoch: int, loader: torch.utils.data.DataLoader,
+                    meters: Sequence[utils.MetricLogger]) -> Tuple[int, Iterator]:
+        """Prepare ``epoch``: its sampler skips the samples a resumed epoch had done, its random state is set
+        (the generator states saved with those samples, else a seed of (--seed, epoch, rank)), ``meters`` get
+        the sums saved with them. Returns the first iteration to run and the epoch's batches, which end early
+        (with None) when a stop signal has taken the data workers down."""
         args = self.args
-        resume = self.start if epoch == self.start.epoch else ResumePoint(epoch)
-        first = resume.samples_done // args.total_batch
-        total = first + len(loader)
+        self.resume = self.start if epoch == self.start.epoch else ResumePoint(epoch)
+        loader.sampler.set_epoch(epoch)
+        loader.sampler.set_start(self.resume.samples_done)
         batches = iter(loader)  # making it draws the data workers' base seed from torch's generator: seed after
-        if resume.rng is not None:
-            set_rng_states(resume.rng)
+        if self.resume.rng is not None:
+            set_rng_states(self.resume.rng)
         else:
-            torch.manual_seed(epoch_seed(args.seed, epoch, args.rank, resume.samples_done))
-        for logger, saved in zip(loggers, resume.meters or ()):
+            torch.manual_seed(epoch_seed(args.seed, epoch, args.rank, self.resume.samples_done))
+        for logger, saved in zip(meters, self.resume.meters or ()):
             for name, (value_sum, count) in saved.items():
                 logger.meters[name].total, logger.meters[name].count = float(value_sum), int(count)
-        bad_images = resume.bad_images if utils.is_main_process() else 0
+        self.epoch_bad_images = self.resume.bad_images if utils.is_main_process() else 0
+        return self.resume.samples_done // args.total_batch, until_stopped(batches, self.stop)
 
-        def checkpoint_after(done: int) -> None:  # a collective: the generator states of all processes
-            sums = [{name: [m.total, m.count] for name, m in lg.meters.items()} for lg in loggers]
-            self.save(epoch, {"iteration": done, "rng": gather_rng_states(), "epoch_meters": sums,
-                              "samples_done": resume.samples_done + (done - first) * args.total_batch,
-                              "bad_images": sum_over_processes(bad_images, args.device)})
+    def should_stop(self, item: Optional[tuple]) -> bool:
+        """Whether the processes stop before this step: any of them received a stop signal or lost its data
+        workers to one (``item`` None). A collective: every process calls it before every step."""
+        return bool(sum_over_processes(int(item is None or self.stop.signum != 0), self.args.device))
 
-        progress = loggers[0].log_every(until_stopped(batches, self.stop), print_freq,
-                                        f"Epoch: [{epoch}/{args.epochs}]", total, first)
-        for it, item in enumerate(progress, start=first):
-            if sum_over_processes(int(item is None or self.stop.signum != 0), args.device):
-                checkpoint_after(it)
-                self._report_stop(f"epoch {epoch}, iteration {it} of {total}")
-                return
-            batch, skipped = item
-            bad_images += skipped
-            if not (args.skip_bad_images and sum_over_processes(int(batch is None), args.device)):
-                self.position = (epoch, it)
-                yield it, batch
-            if args.saveckp_iters and (it + 1) % args.saveckp_iters == 0 and it + 1 < total:
-                checkpoint_after(it + 1)
-        self.bad_images = sum_over_processes(bad_images, args.device)
+    def batch_to_train(self, item: tuple, epoch: int, it: int) -> Optional[Any]:
+        """The batch of ``item`` = (batch, images skipped), or None when some process has no image left in its
+        batch (``--skip_bad_images``: every process skips the step). A collective with --skip_bad_images."""
+        batch, skipped = item
+        self.epoch_bad_images += skipped
+        if self.args.skip_bad_images and sum_over_processes(int(batch is None), self.args.device):
+            return None
+        self.position = (epoch, it)
+        return batch
+
+    def checkpoint_due(self, done: int, total: int) -> bool:
+        """Whether a checkpoint inside the epoch is due after ``done`` of its ``total`` iterations
+        (every --saveckp_iters; the epoch's end writes its own)."""
+        every = self.args.saveckp_iters
+        return bool(every) and done % every == 0 and done < total
+
+    def save_in_epoch(self, epoch: int, done: int, meters: Sequence[utils.MetricLogger]) -> str:
+        """``save`` after ``done`` iterations of ``epoch``, with what an exact resume needs: samples done, every
+        process's generator states, the meters' sums, the images skipped. A collective."""
+        first = self.resume.samples_done // self.args.total_batch
+        sums = [{name: [m.total, m.count] for name, m in logger.meters.items()} for logger in meters]
+        return self.save(epoch, {
+            "iteration": done, "rng": gather_rng_states(), "epoch_meters": sums,
+            "samples_done": self.resume.samples_done + (done - first) * self.args.total_batch,
+            "bad_images": sum_over_processes(self.epoch_bad_images, self.args.device)})
+
+    def finish_epoch(self) -> int:
+        """After the epoch's last step: the images skipped in it by all processes (a collective)."""
+        self.bad_images = sum_over_processes(self.epoch_bad_images, self.args.device)
+        return self.bad_images
 
     def end_epoch(self, epoch: int, log_stats: dict) -> bool:
         """Append the epoch's ``log.txt`` line and write its checkpoint; False when the run must stop here
@@ -462,11 +490,12 @@ class RunControl:
         archive = epoch if args.saveckp_freq and epoch % args.saveckp_freq == 0 else None
         self.save(epoch + 1, archive=archive)
         if sum_over_processes(int(self.stop.signum != 0), args.device) and epoch + 1 < args.epochs:
-            self._report_stop(f"epoch {epoch}")
+            self.report_stop(f"epoch {epoch}")
             return False
         return True
 
-    def _report_stop(self, where: str) -> None:  # a collective
+    def report_stop(self, where: str) -> None:
+        """Mark the run stopped and say where and how to continue (a collective)."""
         self.stopped = True
         self.stopped_by = tuple(signum for signum in self.stop.signals
                                 if sum_over_processes(int(signum in self.stop.received), self.args.device))

@@ -26,6 +26,7 @@ from matplotlib.figure import Figure
 from matplotlib.image import imsave
 from torch import nn
 
+import datasets
 import utils
 
 DEFAULT_MODEL = ("vit_small", 8)  # the reference's defaults, used without saved args
@@ -154,7 +155,7 @@ def main(args: argparse.Namespace) -> torch.Tensor:
     if args.threshold is not None and not 0.0 < args.threshold <= 1.0:
         raise utils.UserError(f"--threshold {args.threshold} must be a share of the mass in (0, 1], e.g. 0.6")
     utils.resolve_model_args(args, *DEFAULT_MODEL)
-    image, tensor = utils.image_for_vit(args.image_path, args.image_size, args.patch_size)  # (3, H, W)
+    image, tensor = datasets.image_for_vit(args.image_path, args.image_size, args.patch_size)  # (3, H, W)
     device = torch.device("cuda" if args.use_cuda and torch.cuda.is_available() else "cpu")
     model = utils.build_backbone(args.arch, args.patch_size)
     utils.load_pretrained_weights(model, args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size)

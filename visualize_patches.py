@@ -33,6 +33,7 @@ from matplotlib.figure import Figure
 from matplotlib.image import imsave
 from torch import nn
 
+import datasets
 import utils
 
 DEFAULT_MODEL = ("vit_small", 8)  # as visualize_attention.py, used without saved args
@@ -257,7 +258,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.topk < 0:
         raise utils.UserError(f"--topk must be 0 or more, got {args.topk}")
     utils.resolve_model_args(args, *DEFAULT_MODEL)
-    loaded = [utils.image_for_vit(path, args.image_size, args.patch_size) for path in args.image_paths]
+    loaded = [datasets.image_for_vit(path, args.image_size, args.patch_size) for path in args.image_paths]
     device = torch.device("cuda" if args.use_cuda and torch.cuda.is_available() else "cpu")
     model = utils.build_backbone(args.arch, args.patch_size)
     utils.load_pretrained_weights(model, args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size)

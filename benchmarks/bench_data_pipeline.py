@@ -1,6 +1,6 @@
 """Benchmark of the data pipeline of one data-loading worker: images/s from a JPEG file to the crop tensors.
 
-(a) ours: ``utils.open_image`` -> ``transforms.DataAugmentationPatchWiseDINO`` (OpenCV on uint8 arrays)
+(a) ours: ``datasets.open_image`` -> ``transforms.DataAugmentationPatchWiseDINO`` (OpenCV on uint8 arrays)
     -> ``patch_matching.match_all_pairs`` (the matches the training data workers compute);
 (b) a plain DINO-style multi-crop written here from torchvision transforms on PIL images, as the DINO
     reference does it (RandomResizedCrop bicubic, flip, ColorJitter p=0.8, grayscale, PIL Gaussian blur,
@@ -28,6 +28,7 @@ from torchvision import transforms as T
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import datasets  # noqa: E402
 import patch_matching  # noqa: E402
 import transforms  # noqa: E402
 import utils  # noqa: E402
@@ -86,7 +87,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def make_inputs(sample_dir: str, folder: str, count: int) -> list:
     """Write ``count`` 500x375 JPEGs made from the photos of ``sample_dir`` into ``folder``."""
-    photos = [utils.open_image(p) for p in utils.list_images(sample_dir)]
+    photos = [datasets.open_image(p) for p in datasets.list_images(sample_dir)]
     if not photos:
         raise utils.UserError(f"no images in {sample_dir}: pass --sample_dir with a few photos")
     paths = []
@@ -113,11 +114,11 @@ def main(args: argparse.Namespace) -> dict:
     baseline_transform = DinoStyleMultiCrop(args.local_crops_number, 224, 96, 256)
 
     def ours(path: str) -> tuple:
-        crops, geometries = ours_transform(utils.open_image(path))
+        crops, geometries = ours_transform(datasets.open_image(path))
         return crops, patch_matching.match_all_pairs(geometries, args.patch_size)
 
     def baseline(path: str) -> list:
-        return baseline_transform(utils.open_image(path))
+        return baseline_transform(datasets.open_image(path))
 
     with tempfile.TemporaryDirectory() as folder:
         paths = make_inputs(args.sample_dir, folder, args.images)

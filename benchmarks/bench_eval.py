@@ -5,7 +5,7 @@
    search + votes, resident memory before the search and its peak (``resource.getrusage`` max RSS; the
    features are generated in place so the peak belongs to the search), and the accuracies, which must
    agree. PASS when the backend ``eval_knn`` picks by default on CPU is the faster one.
-2. Feature extraction (``utils.extract_features`` through the k-NN val transform) of generated images
+2. Feature extraction (``eval_knn.extract_features`` through the k-NN val transform) of generated images
    with a randomly initialised ViT: images/s after one warm-up batch.
 
     python benchmarks/bench_eval.py                    # both, on CPU
@@ -27,6 +27,7 @@ from PIL import Image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import datasets  # noqa: E402
 import eval_knn  # noqa: E402
 import utils  # noqa: E402
 
@@ -125,7 +126,7 @@ def bench_knn(args: argparse.Namespace) -> bool:
               f" top-1/top-5 {accs}")
     same = all(m["knn"] == measured[("faiss", "cpu")]["knn"] for m in measured.values())
     print(f"  same accuracy for every backend: {'yes' if same else 'NO'}")
-    default = utils.resolve_backend("auto", torch.device("cpu"))
+    default = eval_knn.resolve_backend("auto", torch.device("cpu"))
     other = "torch" if default == "faiss" else "faiss"
     passed = measured[(default, "cpu")]["seconds"] <= measured[(other, "cpu")]["seconds"]
     print(f"{'PASS' if passed else 'FAIL'}: the CPU default backend ({default}) is "
@@ -151,13 +152,13 @@ class GeneratedImages(torch.utils.data.Dataset):
 def bench_extraction(args: argparse.Namespace, device: torch.device) -> None:
     torch.manual_seed(0)
     model = utils.build_backbone(args.arch, args.patch_size).to(device).eval()
-    transform = utils.eval_transform(round(args.crop_size * 256 / 224), args.crop_size)
-    warmup = utils.feature_loader(GeneratedImages(args.batch_size, transform), args.batch_size, 0)
-    utils.extract_features(model, warmup, device, print_freq=10 ** 6)
+    transform = datasets.eval_transform(round(args.crop_size * 256 / 224), args.crop_size)
+    warmup = eval_knn.feature_loader(GeneratedImages(args.batch_size, transform), args.batch_size, 0)
+    eval_knn.extract_features(model, warmup, device, print_freq=10 ** 6)
     num = args.batch_size * args.batches
-    loader = utils.feature_loader(GeneratedImages(num, transform), args.batch_size, args.num_workers)
+    loader = eval_knn.feature_loader(GeneratedImages(num, transform), args.batch_size, args.num_workers)
     start = time.perf_counter()
-    feats = utils.extract_features(model, loader, device, print_freq=10 ** 6)
+    feats = eval_knn.extract_features(model, loader, device, print_freq=10 ** 6)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start

@@ -2,7 +2,7 @@
 
 Inputs: one batch of 8 images (``--batch_size``) from the sample photos (``data/sample``) through the real data pipeline
 (2 global crops of 224, 8 local crops of 96, their matches), fixed seed; float32 on the CPU by default.
-Each (configuration, mode) runs ``patch_wise_dino.train_step`` (student + teacher forward, loss, backward,
+Each (configuration, mode) runs ``pwd.train_step`` (student + teacher forward, loss, backward,
 clipping, optimiser, teacher EMA) in its own subprocess, so that its peak resident memory
 (``resource.getrusage`` max RSS) belongs to it alone; seconds per step are the fastest of ``--steps``
 steps after one warm-up step (other load on the machine only ever adds time), on one CPU thread by
@@ -47,6 +47,7 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import datasets  # noqa: E402
 import patch_matching  # noqa: E402
 import patch_wise_dino as pwd  # noqa: E402
 import utils  # noqa: E402
@@ -78,7 +79,7 @@ def make_batch(args: argparse.Namespace) -> pwd.MultiCropBatch:
     transform = pwd.DataAugmentationPatchWiseDINO(args.global_crops_scale, args.local_crops_scale,
                                                   args.local_crops_number, args.patch_size, args.global_size,
                                                   args.local_size, args.resize)
-    images = utils.build_image_source(utils.default_data_path())
+    images = datasets.build_image_source(datasets.default_data_path())
     dataset = pwd.MultiCropDataset(images, transform, args.patch_size, patch_loss=True)
     torch.manual_seed(0)
     items = [dataset[i % len(dataset)] for i in range(args.batch_size_per_gpu)]

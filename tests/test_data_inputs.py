@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import datasets
 import eval_knn
 import eval_linear
 import utils
@@ -36,11 +37,11 @@ def hidden_layout(tmp_path):
 
 def test_hidden_files_and_folders_are_not_data(hidden_layout):
     root = hidden_layout
-    assert names(utils.list_images(str(root / "train" / "a"), recursive=True), root) == ["train/a/x.jpg"]
-    dataset = utils.build_eval_dataset(str(root), "train", None)
+    assert names(datasets.list_images(str(root / "train" / "a"), recursive=True), root) == ["train/a/x.jpg"]
+    dataset = datasets.build_eval_dataset(str(root), "train", None)
     assert dataset.classes == ["a"]
     assert names([p for p, _ in dataset.samples], root) == ["train/a/x.jpg"]
-    for source in (utils.build_image_source(str(root)), utils.build_image_source(str(root / "train"))):
+    for source in (datasets.build_image_source(str(root)), datasets.build_image_source(str(root / "train"))):
         assert names(source.paths, root) == ["train/a/x.jpg"]
         source[0]  # the AppleDouble file would be "cannot decode image"
 
@@ -51,7 +52,7 @@ def test_linked_folders_are_followed_once_and_cycles_end(tmp_path):
     os.symlink(tmp_path / "elsewhere" / "sub", tmp_path / "data" / "linked")
     os.symlink(tmp_path / "data" / "a", tmp_path / "data" / "same_as_a")  # the same real folder twice
     os.symlink(tmp_path / "data", tmp_path / "data" / "a" / "loop")  # a cycle
-    paths = utils.list_images(str(tmp_path / "data"), recursive=True)
+    paths = datasets.list_images(str(tmp_path / "data"), recursive=True)
     assert names(paths, tmp_path / "data") == ["a/x.jpg", "linked/z.jpg"]
 
 
@@ -59,7 +60,7 @@ def test_training_uses_only_train_and_says_what_it_ignored(tmp_path, capsys):
     for folder in ("train/a", "val/a", "test"):
         write_image(str(tmp_path / folder / "1.jpg"))
     write_image(str(tmp_path / "loose.jpg"))
-    source = utils.build_image_source(str(tmp_path))
+    source = datasets.build_image_source(str(tmp_path))
     assert names(source.paths, tmp_path) == ["train/a/1.jpg"]
     out = capsys.readouterr().out
     assert f"Training on {tmp_path / 'train'} only (ignored beside it: test/, val/, 1 images)" in out
@@ -69,20 +70,20 @@ def test_a_class_called_train_is_just_a_class(tmp_path):
     """CIFAR-100 or PASCAL VOC exported as class folders have a class named "train"."""
     for folder in ("apple", "bus", "train", "tulip"):
         write_image(str(tmp_path / folder / "1.jpg"))
-    assert len(utils.build_image_source(str(tmp_path)).paths) == 4
+    assert len(datasets.build_image_source(str(tmp_path)).paths) == 4
 
 
 def test_training_refuses_held_out_data_beside_other_folders(tmp_path):
     for folder in ("train/a", "val/a", "extra"):  # is extra/ a split or a class? val/ must not be trained on
         write_image(str(tmp_path / folder / "1.jpg"))
     with pytest.raises(utils.UserError, match=r"holds val \(held-out data\) beside other folders"):
-        utils.build_image_source(str(tmp_path))
+        datasets.build_image_source(str(tmp_path))
 
 
 def test_training_takes_images_beside_sub_folders_too(tmp_path, capsys):
     write_image(str(tmp_path / "top.jpg"))
     write_image(str(tmp_path / "sub" / "deeper" / "s.jpg"))
-    assert names(utils.build_image_source(str(tmp_path)).paths, tmp_path) == ["sub/deeper/s.jpg", "top.jpg"]
+    assert names(datasets.build_image_source(str(tmp_path)).paths, tmp_path) == ["sub/deeper/s.jpg", "top.jpg"]
     assert "1 images beside 1 sub-folders: training on all of them" in capsys.readouterr().out
 
 
@@ -90,7 +91,7 @@ def test_training_refuses_a_held_out_split_without_train(tmp_path):
     for folder in ("train.X1/a", "train.X2/b", "val.X/a"):  # Kaggle's ImageNet-100
         write_image(str(tmp_path / folder / "1.jpg"))
     with pytest.raises(utils.UserError, match=r"holds val\.X \(held-out data\) beside other folders: pass"):
-        utils.build_image_source(str(tmp_path))
+        datasets.build_image_source(str(tmp_path))
 
 
 @pytest.mark.parametrize("script", ["eval_knn", "eval_linear"])
@@ -108,26 +109,26 @@ def test_flat_val_folder_asks_for_class_folders(tmp_path):
     write_image(str(tmp_path / "val" / "ILSVRC2012_val_00000001.JPEG"))
     with pytest.raises(utils.UserError, match="holds 1 images but no class sub-folders: it needs one sub-folder "
                                               "per class"):
-        utils.build_eval_dataset(str(tmp_path), "val", None)
+        datasets.build_eval_dataset(str(tmp_path), "val", None)
 
 
 def test_empty_class_folder_is_kept_but_an_empty_split_is_refused(tmp_path, capsys):
     write_image(str(tmp_path / "train" / "red" / "1.jpg"))
     os.makedirs(tmp_path / "train" / "green")
-    dataset = utils.build_eval_dataset(str(tmp_path), "train", None)
+    dataset = datasets.build_eval_dataset(str(tmp_path), "train", None)
     assert dataset.classes == ["green", "red"] and dataset.targets == [1] and dataset[0][1] == 1
     assert "no images in the class folders green" in capsys.readouterr().out
     os.makedirs(tmp_path / "val" / "green")
     os.makedirs(tmp_path / "val" / "red")
     with pytest.raises(utils.UserError, match="holds 2 class folders but no images"):
-        utils.build_eval_dataset(str(tmp_path), "val", None)
+        datasets.build_eval_dataset(str(tmp_path), "val", None)
 
 
 def test_an_archive_is_named_as_a_file(tmp_path):
     archive = tmp_path / "imagenet.tar.gz"
     archive.write_bytes(b"\x1f\x8b not extracted")
-    for build in (lambda: utils.build_eval_dataset(str(archive), "train", None),
-                  lambda: utils.build_image_source(str(archive))):
+    for build in (lambda: datasets.build_eval_dataset(str(archive), "train", None),
+                  lambda: datasets.build_image_source(str(archive))):
         with pytest.raises(utils.UserError, match="is a file, not a folder: extract the archive"):
             build()
 
@@ -140,5 +141,5 @@ def test_an_archive_is_named_as_a_file(tmp_path):
 ])
 def test_16_bit_grayscale_is_scaled_by_bit_depth_not_by_values(tmp_path, name, dtype, stored, expected):
     Image.fromarray(np.full((4, 4), stored, dtype)).save(tmp_path / name)
-    image = utils.open_image(str(tmp_path / name))
+    image = datasets.open_image(str(tmp_path / name))
     assert image.mode == "RGB" and np.asarray(image).min() == np.asarray(image).max() == expected

@@ -54,10 +54,10 @@ def test_knn_classifier_matches_independent_vote(num_classes, backend):
     for k in (1, 3, 5, 20, 100):
         for T in (0.07, 0.5):
             expected = independent_vote(train, train_labels, test, test_labels, k, T, num_classes)
-            got = utils.knn_classifier(train, train_labels, test, test_labels, k, T, backend=backend)
+            got = eval_knn.knn_classifier(train, train_labels, test, test_labels, k, T, backend=backend)
             assert got == pytest.approx(expected), (k, T)
             seen.add(expected)
-            explicit = utils.knn_classifier(train, train_labels, test, test_labels, k, T,
+            explicit = eval_knn.knn_classifier(train, train_labels, test, test_labels, k, T,
                                             num_classes=num_classes + 3, backend=backend)
             assert explicit == pytest.approx(
                 independent_vote(train, train_labels, test, test_labels, k, T, num_classes + 3))
@@ -69,20 +69,20 @@ def test_chunking_and_k_clamp_do_not_change_results():
     train, train_labels = random_features(50, 8, 4, g, spread=1.5)
     test, test_labels = random_features(23, 8, 4, g, spread=1.5)
     for backend in ("torch", "faiss"):
-        whole = utils.knn_classifier(train, train_labels, test, test_labels, 10, 0.07, backend=backend)
-        tiny_chunks = utils.knn_classifier(train, train_labels, test, test_labels, 10, 0.07, backend=backend,
+        whole = eval_knn.knn_classifier(train, train_labels, test, test_labels, 10, 0.07, backend=backend)
+        tiny_chunks = eval_knn.knn_classifier(train, train_labels, test, test_labels, 10, 0.07, backend=backend,
                                            chunk_elements=7)
         assert whole == tiny_chunks
-    clamped = utils.knn_classifier(train, train_labels, test, test_labels, 500, 0.07)
-    assert clamped == utils.knn_classifier(train, train_labels, test, test_labels, 50, 0.07)
+    clamped = eval_knn.knn_classifier(train, train_labels, test, test_labels, 500, 0.07)
+    assert clamped == eval_knn.knn_classifier(train, train_labels, test, test_labels, 50, 0.07)
 
 
 def test_faiss_and_torch_backends_agree():
     g = torch.Generator().manual_seed(1)
     train, train_labels = random_features(3000, 64, 10, g, spread=0.25)
     test, test_labels = random_features(700, 64, 10, g, spread=0.25)
-    sims_t, idx_t = utils.knn_search(train, test, 50, backend="torch")
-    sims_f, idx_f = utils.knn_search(train, test, 50, backend="faiss")
+    sims_t, idx_t = eval_knn.knn_search(train, test, 50, backend="torch")
+    sims_f, idx_f = eval_knn.knn_search(train, test, 50, backend="faiss")
     torch.testing.assert_close(sims_t, sims_f, atol=1e-5, rtol=0)
     assert (idx_t == idx_f).float().mean() > 0.999  # only near-ties may swap
     res_t = eval_knn.evaluate_knn(train, train_labels, test, test_labels, [10, 20, 50], 0.07, "torch")
@@ -97,7 +97,7 @@ def test_evaluate_knn_reuses_one_search_for_every_k():
     test, test_labels = random_features(31, 16, 5, g, spread=1.0)
     results = eval_knn.evaluate_knn(train, train_labels, test, test_labels, [1, 10, 20, 300], 0.07, "torch")
     for k in (1, 10, 20, 300):
-        expected = utils.knn_classifier(train, train_labels, test, test_labels, k, 0.07, backend="torch")
+        expected = eval_knn.knn_classifier(train, train_labels, test, test_labels, k, 0.07, backend="torch")
         assert (results[str(k)]["top1"], results[str(k)]["top5"]) == pytest.approx(expected)
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import datasets
 import patch_wise_dino as pwd
 import plot_logs
 import utils
@@ -125,20 +126,20 @@ def test_two_processes_give_the_numbers_of_one(data, tmp_path):
 
 
 def test_monitor_runs_every_freq_epochs_and_after_the_last(data):
-    monitor = utils.KNNMonitor(data, 32, freq=3, epochs=7)
+    monitor = pwd.KNNMonitor(data, 32, freq=3, epochs=7)
     assert [epoch for epoch in range(7) if monitor.due(epoch)] == [2, 5, 6]
     assert monitor.num_classes == 4 and [len(dataset) for dataset, _ in monitor.splits] == [15, 9]
 
 
 def test_subset_is_fixed_and_keeps_labels_with_their_images(data):
-    dataset = utils.build_eval_dataset(data, "train", None)
-    subset, labels = utils.seeded_subset(dataset, 6, (0, 0))
-    again, _ = utils.seeded_subset(dataset, 6, (0, 0))
+    dataset = datasets.build_eval_dataset(data, "train", None)
+    subset, labels = pwd.seeded_subset(dataset, 6, (0, 0))
+    again, _ = pwd.seeded_subset(dataset, 6, (0, 0))
     assert len(subset) == 6 and subset.indices == again.indices
     assert labels.tolist() == [subset[i][1] for i in range(6)]
     assert [np.asarray(subset[i][0]).sum() for i in range(6)] == \
         [np.asarray(dataset[j][0]).sum() for j in subset.indices]
-    whole, all_labels = utils.seeded_subset(dataset, 0, (0, 0))
+    whole, all_labels = pwd.seeded_subset(dataset, 0, (0, 0))
     assert whole is dataset and all_labels.tolist() == TRAIN_LABELS
 
 

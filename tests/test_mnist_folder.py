@@ -10,6 +10,7 @@ import pytest
 import torch
 from torchvision.datasets import mnist as tv_mnist
 
+import datasets
 import eval_knn
 import eval_linear
 import utils
@@ -33,7 +34,7 @@ def rgb(gray: np.ndarray) -> np.ndarray:
 def test_evaluation_reads_train_and_t10k_with_their_labels(mnist_folder):
     folder, written = mnist_folder
     for split in ("train", "val"):
-        dataset = utils.build_eval_dataset(folder, split, None)
+        dataset = datasets.build_eval_dataset(folder, split, None)
         images, labels = written[split]
         assert dataset.targets == labels.tolist()
         assert dataset.classes == ["0", "1", "2", "3", "4"]
@@ -46,7 +47,7 @@ def test_evaluation_reads_train_and_t10k_with_their_labels(mnist_folder):
 def test_training_reads_the_train_files_with_their_labels(mnist_folder):
     folder, written = mnist_folder
     images, labels = written["train"]
-    source = utils.build_image_source(folder)
+    source = datasets.build_image_source(folder)
     assert len(source) == len(TRAIN_LABELS)
     for i in range(len(source)):
         image, label = source[i]
@@ -69,8 +70,8 @@ def test_reader_agrees_with_torchvision(tmp_path):
     labels = np.array([9, 0, 7, 255], dtype=np.uint8)
     image_path = write_idx(str(tmp_path / "images"), images, gz=False)
     label_path = write_idx(str(tmp_path / "labels"), labels, gz=False)
-    assert np.array_equal(utils.read_idx(image_path, 3), tv_mnist.read_image_file(image_path).numpy())
-    assert np.array_equal(utils.read_idx(label_path, 1), tv_mnist.read_label_file(label_path).numpy())
+    assert np.array_equal(datasets.read_idx(image_path, 3), tv_mnist.read_image_file(image_path).numpy())
+    assert np.array_equal(datasets.read_idx(label_path, 1), tv_mnist.read_label_file(label_path).numpy())
 
 
 def test_a_folder_with_only_the_training_files_trains(tmp_path):
@@ -78,9 +79,9 @@ def test_a_folder_with_only_the_training_files_trains(tmp_path):
     make_mnist_folder(str(folder), TRAIN_LABELS, VAL_LABELS, gz=False)
     for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
         os.remove(folder / name)
-    assert len(utils.build_image_source(str(folder))) == len(TRAIN_LABELS)
+    assert len(datasets.build_image_source(str(folder))) == len(TRAIN_LABELS)
     with pytest.raises(utils.UserError, match="holds MNIST-format files but not t10k-images-idx3-ubyte"):
-        utils.build_eval_dataset(str(folder), "val", None)
+        datasets.build_eval_dataset(str(folder), "val", None)
 
 
 def damage(folder, name, how):
@@ -111,7 +112,7 @@ def test_a_damaged_file_is_named(tmp_path, name, how, fragment):
     folder = str(tmp_path / "mnist")
     make_mnist_folder(folder, TRAIN_LABELS, VAL_LABELS, gz=name.endswith(".gz"))
     path = damage(folder, name, how)
-    for build in (lambda: utils.build_image_source(folder), lambda: utils.build_eval_dataset(folder, "train", None)):
+    for build in (lambda: datasets.build_image_source(folder), lambda: datasets.build_eval_dataset(folder, "train", None)):
         with pytest.raises(utils.UserError, match=fragment) as error:
             build()
         assert path in str(error.value) and "\n" not in str(error.value)
@@ -123,7 +124,7 @@ def test_labels_of_another_split_are_a_mismatch_naming_both_files(tmp_path):
     write_idx(os.path.join(folder, "train-labels-idx1-ubyte"), np.array(VAL_LABELS, np.uint8), gz=False)
     with pytest.raises(utils.UserError, match=r"train-labels-idx1-ubyte holds 5 labels but .*"
                                               r"train-images-idx3-ubyte holds 7 images"):
-        utils.build_eval_dataset(folder, "train", None)
+        datasets.build_eval_dataset(folder, "train", None)
 
 
 def test_eval_knn_reports_a_truncated_file_in_one_line(tmp_path):

@@ -525,7 +525,7 @@ def test_bfloat16_autocast_step_is_close_to_float32():
 
 
 def test_compile_without_a_cpp_compiler_on_cpu_is_a_user_error(monkeypatch):
-    monkeypatch.setattr(utils.shutil, "which", lambda name: None)
+    monkeypatch.setattr(pwd.shutil, "which", lambda name: None)
     model = tiny_wrapper(0)
     with pytest.raises(utils.UserError, match="needs a C.. compiler"):
         pwd.compile_blocks(model, torch.device("cpu"))

@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+import datasets
 import patch_matching
 import patch_wise_dino as pwd
 import run_control
@@ -241,18 +242,18 @@ def test_image_modes_are_converted_and_bad_images_named(tmp_path, monkeypatch):
     rgb = write_awkward_images(tmp_path)
     reference = np.asarray(rgb, dtype=np.float64)
     for name, tolerance in (("cmyk.jpg", 8.0), ("palette.png", 20.0)):
-        image = utils.open_image(str(tmp_path / name))
+        image = datasets.open_image(str(tmp_path / name))
         assert image.mode == "RGB" and np.abs(np.asarray(image) - reference).mean() < tolerance, name
-    gray = np.asarray(utils.open_image(str(tmp_path / "gray.png")))
+    gray = np.asarray(datasets.open_image(str(tmp_path / "gray.png")))
     assert gray.shape == reference.shape and (gray == gray[..., :1]).all()
     deep = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 16-bit grayscale: scaled, not clipped
     Image.fromarray(deep).save(tmp_path / "deep.png")
-    np.testing.assert_allclose(np.asarray(utils.open_image(str(tmp_path / "deep.png")))[..., 0], deep / 257, atol=0.5)
+    np.testing.assert_allclose(np.asarray(datasets.open_image(str(tmp_path / "deep.png")))[..., 0], deep / 257, atol=0.5)
     with pytest.raises(utils.UserError, match=f"cannot decode image {tmp_path}/truncated.jpg: "):
-        utils.open_image(str(tmp_path / "truncated.jpg"))
+        datasets.open_image(str(tmp_path / "truncated.jpg"))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a decompression bomb: over twice the limit
     with pytest.raises(utils.UserError, match=f"cannot decode image {tmp_path}/gray.png: .*decompression bomb"):
-        utils.open_image(str(tmp_path / "gray.png"))
+        datasets.open_image(str(tmp_path / "gray.png"))
 
 
 def test_bad_image_stops_training_by_default_and_is_skipped_on_request(tmp_path, capfd):
@@ -359,7 +360,7 @@ def test_evaluation_datasets_name_an_undecodable_image(tmp_path, capsys):
     for split in ("train", "val"):
         write_images(tmp_path / split / "class_a", 2)
     (tmp_path / "val" / "class_a" / "zz_broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
-    dataset = utils.build_eval_dataset(str(tmp_path), "val", transform=None)
+    dataset = datasets.build_eval_dataset(str(tmp_path), "val", transform=None)
     with pytest.raises(utils.UserError, match=f"cannot decode image {tmp_path}/val/class_a/zz_broken.jpg"):
         [dataset[i] for i in range(len(dataset))]
 

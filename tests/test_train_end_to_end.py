@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+import datasets
 import patch_wise_dino as pwd
 import utils
 
@@ -110,7 +111,7 @@ def test_resume_gives_the_same_teacher_as_an_uninterrupted_run(tmp_path, fresh_p
            [line["train_loss"] for line in read_log(tmp_path / "resumed")]
 
 
-@pytest.mark.skipif(not utils.cpp_compiler_available(), reason="torch.compile on the CPU needs a C++ compiler")
+@pytest.mark.skipif(not pwd.cpp_compiler_available(), reason="torch.compile on the CPU needs a C++ compiler")
 def test_compile_gives_the_same_losses_and_checkpoint_layout(tmp_path, fresh_process_group):
     """--compile true compiles blocks and heads in place: same losses and weights as eager, same state-dict keys."""
     write_images(tmp_path / "data", 4)
@@ -159,19 +160,19 @@ def test_vanilla_dino_on_cifar_python_batches(tmp_path, fresh_process_group):
 
 def test_image_sources(tmp_path):
     write_images(tmp_path / "flat", 2)
-    assert isinstance(utils.build_image_source(str(tmp_path / "flat")), utils.ImageList)
+    assert isinstance(datasets.build_image_source(str(tmp_path / "flat")), datasets.ImageList)
     write_images(tmp_path / "classes" / "a", 2)
     write_images(tmp_path / "classes" / "b", 1)
-    assert len(utils.build_image_source(str(tmp_path / "classes"))) == 3
+    assert len(datasets.build_image_source(str(tmp_path / "classes"))) == 3
     write_images(tmp_path / "splits" / "train" / "a", 2)
     write_images(tmp_path / "splits" / "val" / "a", 1)
-    assert len(utils.build_image_source(str(tmp_path / "splits"))) == 2  # train only, never val
-    image, _ = utils.build_image_source(utils.default_data_path())[0]  # the shipped sample photos
+    assert len(datasets.build_image_source(str(tmp_path / "splits"))) == 2  # train only, never val
+    image, _ = datasets.build_image_source(datasets.default_data_path())[0]  # the shipped sample photos
     assert image.mode == "RGB"
     for bad in (tmp_path / "missing", tmp_path / "empty"):
         os.makedirs(tmp_path / "empty", exist_ok=True)
         with pytest.raises(utils.UserError):
-            utils.build_image_source(str(bad))
+            datasets.build_image_source(str(bad))
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -277,8 +278,8 @@ def test_max_images_trains_on_a_fixed_subset(tmp_path, fresh_process_group, caps
     run(argv + ["--output_dir", str(tmp_path / "a")])
     out = capsys.readouterr().out
     assert "subset of 4 of the 6 images" in out and "2 steps/epoch" in out, out
-    first = utils.subset_indices(6, 4, (pwd.TRAIN_SUBSET_SEED,))
-    assert len(first) == 4 and first == sorted(set(first)) and first == utils.subset_indices(6, 4, (0,))
-    assert utils.subset_indices(6, 0, (0,)) is None and utils.subset_indices(6, 6, (0,)) is None
+    first = pwd.subset_indices(6, 4, (pwd.TRAIN_SUBSET_SEED,))
+    assert len(first) == 4 and first == sorted(set(first)) and first == pwd.subset_indices(6, 4, (0,))
+    assert pwd.subset_indices(6, 0, (0,)) is None and pwd.subset_indices(6, 6, (0,)) is None
     run(argv + ["--output_dir", str(tmp_path / "b"), "--seed", "3", "--max_images", "6"])
     assert "6 images from" in capsys.readouterr().out  # as many as there are: all of them

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+import datasets
+import patch_wise_dino
 import utils
 import vision_transformer as vits
 from eval_testdata import write_dino_checkpoint
@@ -27,7 +29,7 @@ def _training_layout_checkpoint(backbone, head):
 
 
 def test_cosine_scheduler_warmup_and_ends():
-    s = utils.cosine_scheduler(1.0, 0.1, epochs=3, niter_per_ep=4, warmup_epochs=1, start_warmup_value=0.0)
+    s = patch_wise_dino.cosine_scheduler(1.0, 0.1, epochs=3, niter_per_ep=4, warmup_epochs=1, start_warmup_value=0.0)
     assert len(s) == 12
     np.testing.assert_allclose(s[:4], [0, 1 / 3, 2 / 3, 1])  # DINO: the warm-up's last step is the peak
     assert s[4] == pytest.approx(1.0)
@@ -140,13 +142,13 @@ def test_pickle_that_runs_code_is_refused_and_plain_data_loads(tmp_path, runs_co
     evil = tmp_path / "gnd_evil.pkl"
     evil.write_bytes(pickle.dumps({"imlist": ["a"], "x": runs_code(marker)}))
     with pytest.raises(utils.UserError, match="refused"):
-        utils.safe_pickle_load(str(evil))
+        datasets.safe_pickle_load(str(evil))
     assert not marker.exists()
     good = tmp_path / "gnd_good.pkl"
     data = {"imlist": ["a", "b"], "gnd": [{"bbx": [1.0, 2.0, 3.0, 4.0], "easy": np.array([0, 1]),
                                            "hard": np.array([], dtype=np.int64), "junk": {2}}]}
     good.write_bytes(pickle.dumps(data, protocol=2))
-    loaded = utils.safe_pickle_load(str(good))
+    loaded = datasets.safe_pickle_load(str(good))
     assert loaded["imlist"] == ["a", "b"]
     np.testing.assert_array_equal(loaded["gnd"][0]["easy"], [0, 1])
 
@@ -235,7 +237,7 @@ def test_open_image_names_the_broken_file(tmp_path):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
     with pytest.raises(utils.UserError, match="broken.jpg"):
-        utils.open_image(str(bad))
+        datasets.open_image(str(bad))
 
 
 def test_cifar10_python_folder_is_read_directly(tmp_path):
@@ -245,8 +247,8 @@ def test_cifar10_python_folder_is_read_directly(tmp_path):
     for name, n in [(f"data_batch_{i}", 3) for i in range(1, 6)] + [("test_batch", 2)]:
         batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": list(range(n))}
         (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
-    train = utils.build_eval_dataset(str(tmp_path), "train", None)
-    test = utils.build_eval_dataset(str(tmp_path), "val", None)
+    train = datasets.build_eval_dataset(str(tmp_path), "train", None)
+    test = datasets.build_eval_dataset(str(tmp_path), "val", None)
     assert len(train) == 15 and len(test) == 2
     img, label = test[1]
     assert img.size == (32, 32) and label == 1
@@ -257,7 +259,7 @@ def test_cifar10_python_folder_is_read_directly(tmp_path):
 
 def test_missing_split_folder_is_a_clear_error(tmp_path):
     with pytest.raises(utils.UserError, match="train"):
-        utils.build_eval_dataset(str(tmp_path), "train", None)
+        datasets.build_eval_dataset(str(tmp_path), "train", None)
 
 
 def test_run_cli_prints_one_line_without_traceback(tmp_path):

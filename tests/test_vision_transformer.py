@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import utils
+import patch_wise_dino
 import vision_transformer as vits
 
 timm_vit = pytest.importorskip("timm.models.vision_transformer")
@@ -346,7 +346,7 @@ def test_drop_path_rate_schedule_and_block_behaviour():
         assert not torch.allclose(model(x), model(x))
 
 
-@pytest.mark.skipif(not utils.cpp_compiler_available(), reason="torch.compile on the CPU needs a C++ compiler")
+@pytest.mark.skipif(not patch_wise_dino.cpp_compiler_available(), reason="torch.compile on the CPU needs a C++ compiler")
 def test_compiled_blocks_share_one_graph_whatever_their_drop_path_rate():
     """--compile compiles each block: a graph per drop-path rate would exhaust dynamo's recompile limit on a
     12-block ViT and silently leave the deeper blocks uncompiled."""

@@ -644,14 +644,16 @@ def _fit_pos_embed(state_dict: dict, expected: dict, source: str) -> dict:
 
 
 def load_pretrained_weights(model: nn.Module, pretrained_weights: Optional[str], checkpoint_key: Optional[str],
-                            arch: str, patch_size: int, default_url: Optional[str] = None) -> None:
+                            arch: str, patch_size: int, default_url: Optional[str] = None,
+                            hint: str = "pass --pretrained_weights /path/to/checkpoint.pth") -> None:
     """Load backbone weights into ``model``.
 
     From a file: take ``checkpoint_key`` (e.g. ``teacher``) when present, strip ``module.`` and
     ``backbone.``, resize position embeddings of another token grid (trained at another resolution),
     refuse weights of another architecture or patch size and NaN/inf weights (a diverged run), load with
     ``strict=False`` and report what did not match. With no file: download the official DINO weights for ``arch``/
-    ``patch_size`` (or ``default_url``); offline this is a ``UserError`` telling to pass a file.
+    ``patch_size`` (or ``default_url``); offline this is a ``UserError`` ending with ``hint`` (how to pass a file
+    instead: the flag for the scripts, an argument for torch.hub).
     """
     if pretrained_weights:
         state_dict = load_checkpoint(pretrained_weights)
@@ -667,15 +669,13 @@ def load_pretrained_weights(model: nn.Module, pretrained_weights: Optional[str],
         url = default_url or (DINO_URL + OFFICIAL_WEIGHTS[(arch, patch_size)]
                               if (arch, patch_size) in OFFICIAL_WEIGHTS else None)
         if url is None:
-            raise UserError(f"there are no official DINO weights for {arch}/{patch_size}: pass "
-                            f"--pretrained_weights /path/to/checkpoint.pth")
+            raise UserError(f"there are no official DINO weights for {arch}/{patch_size}: {hint}")
         print(f"No --pretrained_weights given: downloading the official DINO weights from {url}")
         try:
             state_dict = torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
         except Exception as exc:  # urllib raises many types offline (URLError, socket errors, HTTPError)
             raise UserError(f"could not download the official DINO weights for {arch}/{patch_size} from "
-                            f"{url} ({type(exc).__name__}: {exc}); pass --pretrained_weights "
-                            f"/path/to/checkpoint.pth") from None
+                            f"{url} ({type(exc).__name__}: {exc}); {hint}") from None
         source = url
     if not isinstance(state_dict, dict):
         raise UserError(f"{source} does not hold a state dict")

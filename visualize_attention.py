@@ -53,12 +53,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 @torch.no_grad()
-def cls_attention(model: nn.Module, image: torch.Tensor) -> torch.Tensor:
-    """Attention of the last block's [CLS] query to every patch, per head: (heads, h, w) for an image
-    (3, H, W) whose sides are multiples of the patch size (h = H / patch, w = W / patch)."""
-    h, w = image.shape[-2] // model.patch_size, image.shape[-1] // model.patch_size
-    attention = model.get_last_selfattention(image[None])  # (1, heads, 1+N, 1+N)
-    return attention[0, :, 0, 1:].reshape(-1, h, w)  # (heads, h, w)
+def cls_attention(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Attention of the last block's [CLS] query to every patch, per head: (heads, h, w) for an image (3, H, W),
+    (B, heads, h, w) for a batch (B, 3, H, W); sides are multiples of the patch size (h = H / patch, w = W / patch)."""
+    h, w = images.shape[-2] // model.patch_size, images.shape[-1] // model.patch_size
+    batch = images.reshape(-1, *images.shape[-3:])  # (B, 3, H, W)
+    attention = model.get_last_selfattention(batch)  # (B, heads, 1+N, 1+N)
+    maps = attention[:, :, 0, 1:].reshape(len(batch), -1, h, w)  # (B, heads, h, w)
+    return maps.reshape(*images.shape[:-3], *maps.shape[1:])  # (heads, h, w) or (B, heads, h, w)
 
 
 def mass_mask(maps: torch.Tensor, threshold: float) -> torch.Tensor:

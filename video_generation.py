@@ -35,6 +35,7 @@ from matplotlib.colors import Normalize
 from PIL import Image
 from torch import nn
 
+import datasets
 import utils
 import visualize_attention as va
 
@@ -83,10 +84,10 @@ def natural_key(path: str) -> list:
 
 def list_frames(folder: str, prefix: str = "") -> List[str]:
     """The images of ``folder`` whose names start with ``prefix``, in natural order; none is a ``UserError``."""
-    paths = sorted((p for p in utils.list_images(folder) if os.path.basename(p).startswith(prefix)), key=natural_key)
+    paths = sorted((p for p in datasets.list_images(folder) if os.path.basename(p).startswith(prefix)), key=natural_key)
     if not paths:
         what = f"images named {prefix}*" if prefix else "images"
-        raise utils.UserError(f"no {what} in {folder} (extensions {' '.join(utils.IMAGE_EXTENSIONS)})")
+        raise utils.UserError(f"no {what} in {folder} (extensions {' '.join(datasets.IMAGE_EXTENSIONS)})")
     return paths
 
 
@@ -168,7 +169,7 @@ def attention_frames(model: nn.Module, frames: Iterable[str], folder: str, total
     for batch in logger.log_every(batched(frames, args.batch_size), PRINT_FREQ, "Attention frames, batch",
                                   total=max(1, math.ceil(total / args.batch_size))):
         size = size or frame_size(batch[0])  # without --resize, the frames' own size
-        images = torch.stack([utils.image_for_vit(p, size, args.patch_size)[1] for p in batch])  # (B, 3, H, W)
+        images = torch.stack([datasets.image_for_vit(p, size, args.patch_size)[1] for p in batch])  # (B, 3, H, W)
         maps = va.cls_attention(model, images.to(device)).float().cpu()  # (B, heads, h, w)
         for path, frame_maps in zip(batch, maps):
             rgb = colour_attention(frame_maps, args.patch_size, args.threshold)  # (H, W, 3)
@@ -231,7 +232,7 @@ def main(args: argparse.Namespace) -> dict:
         paths = list_frames(args.input_path, PREFIX)
         check_one_size(paths)
         make_folders(args.output_path)
-        frames = (np.asarray(utils.open_image(p)) for p in paths)  # (H, W, 3) each
+        frames = (np.asarray(datasets.open_image(p)) for p in paths)  # (H, W, 3) each
         count = write_video(frames, video, args.fps, args.video_format, args.input_path)
         print(f"wrote {video} ({count} frames at {args.fps:g} fps)")
         return {"frames": count, "video": video}

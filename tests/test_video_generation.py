@@ -11,6 +11,7 @@ import torch
 from matplotlib import colormaps
 from PIL import Image
 
+import datasets
 import utils
 import video_generation as vg
 import visualize_attention as va
@@ -68,7 +69,7 @@ def frame_by_frame_maps(checkpoint: str, paths: list, size) -> list:
     """visualize_attention's maps of each image file, one forward pass per image: (heads, h, w) each."""
     model = utils.build_backbone("vit_tiny", 8)
     utils.load_pretrained_weights(model, checkpoint, "teacher", "vit_tiny", 8)
-    return [va.cls_attention(model.eval(), utils.image_for_vit(p, size, 8)[1]) for p in paths]
+    return [va.cls_attention(model.eval(), datasets.image_for_vit(p, size, 8)[1]) for p in paths]
 
 
 def read_video(path: str) -> list:

@@ -218,10 +218,6 @@ def load_classifier_checkpoint(path: str, classifier: nn.Module, setup: Dict[str
         if differ:
             raise utils.UserError(f"{path} holds a classifier trained on other features: {', '.join(differ)}. "
                                   f"Use another --output_dir for this backbone, or delete that checkpoint to retrain")
-    elif "num_labels" in checkpoint and setup["--n_last_blocks"] == 1 and setup["--avgpool_patchtokens"]:
-        raise utils.UserError(f"{path} was written by an earlier version of this script, which laid out the "
-                              f"features of --n_last_blocks 1 --avgpool_patchtokens true differently: train a new "
-                              f"classifier (another --output_dir, or delete that checkpoint)")
     else:
         print(f"{path} does not record the backbone it was trained on (a released head?): not checked")
     try:

@@ -6,11 +6,13 @@ Transformers", ICCV 2021; facebookresearch/dino ``main_dino.py``) with the objec
 defines the method): besides matching the [CLS] outputs of two views, the student matches the teacher on
 every pair of patch tokens that show the same place of the image (``patch_matching.py``). The defaults are
 the authors' (ViT-S/8, K = 10000, 6 images per GPU); everything else is DINO's. Read in DINO's order:
-arguments, ``main`` (data, models, loss, optimizer, schedules, resume), ``train_one_epoch``, the loss and its
-center, the multi-crop data with matches.
+arguments, ``main`` (data, models, loss, optimizer, schedules, resume), ``train_one_epoch`` (the batch loop
+with its stop point and mid-epoch checkpoints), the loss and its center, the multi-crop data with matches, the
+models, the optimizer and schedules, and the k-NN monitor (``--knn_data_path``).
 
 Deliberate differences from the authors' code are listed in the README (each image gets its own crops; the
-student head runs only on matched tokens, which gives the same loss); ``run_control.py`` handles long jobs.
+student head runs only on matched tokens, which gives the same loss); ``run_control.py`` holds what long jobs need
+(stop agreement, resumable sampler, checkpoints with fallback, random states); ``datasets.py`` reads the images.
 """
 import argparse
 import datetime

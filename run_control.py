@@ -355,7 +355,8 @@ class RunControl:
     def load(self) -> None:
         """Read the checkpoint of the run in ``--output_dir`` (if any); remove half-written files."""
         self.checkpoint, self.checkpoint_path, corrupt = load_run_checkpoint(self.args, self.same_settings)
-        utils.barrier()  # every process (each node may read its own --output_dir) has read the files: then clean up
+        if utils.get_world_size() > 1:  # every process has read the files (each node may read its own --output_dir)
+            torch.distributed.barrier()  # before they are cleaned up
         if utils.is_main_process():
             if corrupt is not None:
                 os.replace(corrupt, corrupt + ".corrupt")

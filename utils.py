@@ -172,11 +172,6 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
-def barrier() -> None:
-    if get_world_size() > 1:
-        dist.barrier()
-
-
 def setup_for_distributed(is_master: bool) -> None:
     """Silence ``print`` on all but the master process (``print(..., force=True)`` still prints)."""
     import builtins
@@ -197,8 +192,7 @@ def init_distributed_mode(args: argparse.Namespace) -> None:
     Under ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``) or SLURM (``SLURM_PROCID``/``SLURM_NTASKS``)
     every process joins the group given by ``args.dist_url``; a plain ``python script.py`` gets a
     one-process group on an in-memory store, so DDP and collectives work the same everywhere. NCCL on
-    CUDA, Gloo on CPU. Sets ``args.rank``, ``args.world_size``, ``args.gpu`` (local rank), ``args.device``
-    and ``args.distributed``.
+    CUDA, Gloo on CPU. Sets ``args.rank``, ``args.world_size``, ``args.gpu`` (local rank) and ``args.device``.
     """
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -242,7 +236,6 @@ def init_distributed_mode(args: argparse.Namespace) -> None:
             dist.init_process_group(backend, init_method=getattr(args, "dist_url", "env://"),
                                     world_size=world_size, rank=rank)
     args.rank, args.world_size, args.gpu, args.device = rank, world_size, local_rank, device
-    args.distributed = world_size > 1
     print(f"| distributed init ({launcher}): rank {rank}/{world_size}, backend {backend}, device {device}",
           flush=True)
     setup_for_distributed(rank == 0)

@@ -24,7 +24,6 @@ Deliberate differences from the reference:
   linear weights); the last line of stdout is a JSON object with ``top1``, ``top5`` and ``best_acc``.
 """
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -109,11 +108,7 @@ def frozen_features(model: nn.Module, images: torch.Tensor, n_last_blocks: int, 
 def feature_setup(model: nn.Module, args: argparse.Namespace) -> Dict[str, object]:
     """What the classifier's input depends on, saved with it: a classifier is only resumed or evaluated on
     the same features. The backbone is identified by a SHA-256 of its weights, not by the file's path."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().numpy().tobytes())
-    return {"backbone weights": digest.hexdigest(), "--arch": args.arch, "--patch_size": args.patch_size,
+    return {"backbone weights": utils.weights_digest(model), "--arch": args.arch, "--patch_size": args.patch_size,
             "--n_last_blocks": args.n_last_blocks, "--avgpool_patchtokens": args.avgpool_patchtokens,
             "--image_size": args.image_size}
 
@@ -209,33 +204,13 @@ def load_classifier_checkpoint(path: str, classifier: nn.Module, setup: Dict[str
     """Restore the classifier (and optimizer, scheduler) from ``path`` after checking that it was trained on
     the features ``setup`` describes (see ``feature_setup``); returns the checkpoint."""
     checkpoint = utils.load_checkpoint(path)
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise utils.UserError(f"{path} is not a linear classifier checkpoint (no 'state_dict')")
-    saved = checkpoint.get("setup")
-    if isinstance(saved, dict):
-        differ = [key if key == "backbone weights" else f"{key} {value} (saved: {saved.get(key)})"
-                  for key, value in setup.items() if saved.get(key) != value]
-        if differ:
-            raise utils.UserError(f"{path} holds a classifier trained on other features: {', '.join(differ)}. "
-                                  f"Use another --output_dir for this backbone, or delete that checkpoint to retrain")
-    elif "num_labels" in checkpoint and setup["--n_last_blocks"] == 1 and setup["--avgpool_patchtokens"]:
+    if (isinstance(checkpoint, dict) and "state_dict" in checkpoint and not isinstance(checkpoint.get("setup"), dict)
+            and "num_labels" in checkpoint and setup["--n_last_blocks"] == 1 and setup["--avgpool_patchtokens"]):
         raise utils.UserError(f"{path} was written by an earlier version of this script, which laid out the "
                               f"features of --n_last_blocks 1 --avgpool_patchtokens true differently: train a new "
                               f"classifier (another --output_dir, or delete that checkpoint)")
-    else:
-        print(f"{path} does not record the backbone it was trained on (a released head?): not checked")
-    try:
-        classifier.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError:
-        shapes = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items() if torch.is_tensor(v)}
-        raise utils.UserError(f"{path} holds a classifier of another shape {shapes}: it was trained with other "
-                              f"--arch/--n_last_blocks/--avgpool_patchtokens/--num_labels; use those or another "
-                              f"--output_dir") from None
-    for name, obj in (("optimizer", optimizer), ("scheduler", scheduler)):
-        if obj is not None and name in checkpoint:
-            obj.load_state_dict(checkpoint[name])
-    print(f"Restored the linear classifier from {path} (epoch {checkpoint.get('epoch', 0)})")
-    return checkpoint
+    return utils.restore_linear_head(path, checkpoint, classifier, setup,
+                                     "--arch/--n_last_blocks/--avgpool_patchtokens/--num_labels", optimizer, scheduler)
 
 
 def train_linear(model: nn.Module, classifier: nn.Module, train_loader: torch.utils.data.DataLoader,

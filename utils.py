@@ -3,13 +3,15 @@
 Command-line helpers (one-line errors, bounded argparse types, the model flags of the evaluations), distributed
 set-up (torchrun, SLURM, or a plain ``python`` process) and rank helpers that also answer without a process
 group, ``MetricLogger`` with ETA and the JSON log, DINO's optimiser helpers (parameter groups, gradient clipping,
-the frozen last layer, LARS), checkpoint save/restore (atomic writes, ``weights_only=True`` reads), building a ViT
-from its name and loading pretrained weights (official DINO URLs as fallback; ``--arch``/``--patch_size`` from a
-checkpoint's saved args), and average precision. Reading user data lives in ``datasets.py``; feature extraction
+the frozen last layer, LARS), checkpoint save/restore (atomic writes, ``weights_only=True`` reads, linear heads
+checked against the features they were trained on), building a ViT from its name and loading pretrained weights
+(official DINO URLs as fallback; ``--arch``/``--patch_size`` from a checkpoint's saved args), and average
+precision. Reading user data lives in ``datasets.py``; feature extraction
 and the k-NN search and vote in ``eval_knn.py``; code with a single user stays in that user's script.
 """
 import argparse
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -551,6 +553,48 @@ def load_checkpoint(path: str, map_location: Any = "cpu", mmap: bool = False) ->
         detail = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
         raise UserError(f"{path} is not a readable checkpoint (truncated, corrupt, or not written by "
                         f"torch.save): {detail}") from None
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 of a model's weights (names and float32 values): identifies a frozen backbone by its weights, not
+    by the path of the file they came from."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def restore_linear_head(path: str, checkpoint: Any, head: nn.Module, setup: dict, shape_flags: str,
+                        optimizer: Optional[torch.optim.Optimizer] = None,
+                        scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None) -> dict:
+    """Restore a linear head trained on frozen features (and its optimizer, scheduler) from ``checkpoint``, read
+    from ``path``, after checking that its saved ``setup`` (what its features depend on: the backbone's
+    ``weights_digest`` and the flags that shape them) equals ``setup``; a checkpoint without one is loaded
+    unchecked, with a note. A head of another shape is a ``UserError`` naming ``shape_flags``. Returns
+    ``checkpoint``."""
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise UserError(f"{path} is not a linear classifier checkpoint (no 'state_dict')")
+    saved = checkpoint.get("setup")
+    if isinstance(saved, dict):
+        differ = [key if key == "backbone weights" else f"{key} {value} (saved: {saved.get(key)})"
+                  for key, value in setup.items() if saved.get(key) != value]
+        if differ:
+            raise UserError(f"{path} holds a classifier trained on other features: {', '.join(differ)}. "
+                            f"Use another --output_dir for this backbone, or delete that checkpoint to retrain")
+    else:
+        print(f"{path} does not record the backbone it was trained on (a released head?): not checked")
+    try:
+        head.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError:
+        shapes = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items() if torch.is_tensor(v)}
+        raise UserError(f"{path} holds a classifier of another shape {shapes}: it was trained with other "
+                        f"{shape_flags}; use those or another --output_dir") from None
+    for name, obj in (("optimizer", optimizer), ("scheduler", scheduler)):
+        if obj is not None and name in checkpoint:
+            obj.load_state_dict(checkpoint[name])
+    print(f"Restored the linear classifier from {path} (epoch {checkpoint.get('epoch', 0)})")
+    return checkpoint
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -218,21 +218,14 @@ def train_linear(model: nn.Module, classifier: nn.Module, train_loader: torch.ut
                  args: argparse.Namespace) -> Dict[str, float]:
     """The training loop with resume, validation, checkpoint and log every ``val_freq`` epochs."""
     lr = args.lr * args.batch_size_per_gpu * utils.get_world_size() / 256.0
-    optimizer = torch.optim.SGD(classifier.parameters(), lr, momentum=0.9, weight_decay=args.weight_decay)
     epochs = args.epochs
-
-    def cosine(epoch: int) -> float:
-        return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+    optimizer, scheduler = utils.linear_probe_optimizer(classifier.parameters(), lr, epochs, args.weight_decay)
     checkpoint_path = os.path.join(args.output_dir, CHECKPOINT_NAME)
     start_epoch, best_acc, test_stats = 0, 0.0, None
     if os.path.isfile(checkpoint_path):
         checkpoint = load_classifier_checkpoint(checkpoint_path, classifier, setup, optimizer, scheduler)
         start_epoch, best_acc = int(checkpoint.get("epoch", 0)), float(checkpoint.get("best_acc", 0.0))
-        scheduler.base_lrs = [lr] * len(optimizer.param_groups)  # the current --lr, batch and --epochs
-        for group in optimizer.param_groups:
-            group["lr"] = lr * cosine(start_epoch)
+        utils.restart_schedule(optimizer, scheduler, lr, start_epoch)  # the current --lr, batch and --epochs
 
     for epoch in range(start_epoch, epochs):
         train_loader.sampler.set_epoch(epoch)

@@ -22,7 +22,7 @@ import sys
 import time
 import zipfile
 from collections import defaultdict, deque
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -395,6 +395,26 @@ def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer:
     for name, param in model.named_parameters():
         if "last_layer" in name:
             param.grad = None
+
+
+def linear_probe_optimizer(params: Iterable[torch.Tensor], lr: float, epochs: int,
+                           weight_decay: float) -> Tuple[torch.optim.SGD, torch.optim.lr_scheduler.LambdaLR]:
+    """DINO's optimiser for a linear head on frozen features: SGD with momentum 0.9, ``lr`` decayed by a cosine over
+    ``epochs`` (the scheduler is stepped once per epoch and computes the factor from the epoch, so a run resumed
+    with more epochs follows the new schedule; see ``restart_schedule``)."""
+    optimizer = torch.optim.SGD(params, lr, momentum=0.9, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                  lambda epoch: 0.5 * (1.0 + math.cos(math.pi * epoch / epochs)))
+    return optimizer, scheduler
+
+
+def restart_schedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float,
+                     start_epoch: int) -> None:
+    """After a saved optimizer and scheduler are restored: go on from ``start_epoch`` with the current ``lr`` (and
+    number of epochs), not the saved run's."""
+    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["lr"] = lr * factor(start_epoch)
 
 
 class LARS(torch.optim.Optimizer):

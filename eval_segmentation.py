@@ -57,7 +57,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n_last_blocks", default=1, type=utils.bounded(int, low=1), help="Concatenate the patch "
                         "tokens of the last n blocks.")
     parser.add_argument("--epochs", default=100, type=utils.bounded(int, low=1), help="Number of epochs of training.")
-    parser.add_argument("--lr", default=0.01, type=utils.bounded(float, low=0), help="Learning rate at the start of "
+    parser.add_argument("--lr", default=0.2, type=utils.bounded(float, low=0), help="Learning rate at the start of "
                         "training for a total batch of 256 (scaled linearly with batch_size_per_gpu x processes).")
     parser.add_argument("--weight_decay", default=0.0, type=utils.bounded(float, low=0),
                         help="SGD weight decay of the linear layer.")

@@ -257,8 +257,8 @@ class FeatureBatches:
 # ----------------------------------------------------------------------------------------------------
 # Training and validation
 # ----------------------------------------------------------------------------------------------------
-def train_one_epoch(head: nn.Module, optimizer: torch.optim.Optimizer, train: FeatureBatches, epoch: int,
-                    ) -> Dict[str, float]:
+def train_one_epoch(head: nn.Module, optimizer: torch.optim.Optimizer, train: FeatureBatches,
+                    epoch: int) -> Dict[str, float]:
     head.train()
     metric_logger = utils.MetricLogger(delimiter="  ")
     metric_logger.add_meter("lr", utils.SmoothedValue(window_size=1, fmt="{value:.6f}"))
@@ -309,8 +309,7 @@ def train_probe(model: nn.Module, head: nn.Module, loaders: tuple, saved: Option
         start_epoch, best = int(saved.get("epoch", 0)), float(saved.get("best_mIoU", 0.0))
         utils.restart_schedule(optimizer, scheduler, lr, start_epoch)  # the current --lr, batch and --epochs
     val = FeatureBatches(model, val_loader, args.cache_features, args)
-    if start_epoch < args.epochs:
-        train = FeatureBatches(model, train_loader, args.cache_features, args)
+    train = FeatureBatches(model, train_loader, args.cache_features, args) if start_epoch < args.epochs else None
     for epoch in range(start_epoch, args.epochs):
         train_stats = train_one_epoch(head, optimizer, train, epoch)
         scheduler.step()

@@ -6,8 +6,8 @@ group, ``MetricLogger`` with ETA and the JSON log, DINO's optimiser helpers (par
 the frozen last layer, LARS), checkpoint save/restore (atomic writes, ``weights_only=True`` reads, linear heads
 checked against the features they were trained on), building a ViT from its name and loading pretrained weights
 (official DINO URLs as fallback; ``--arch``/``--patch_size`` from a checkpoint's saved args), and average
-precision. Reading user data lives in ``datasets.py``; feature extraction
-and the k-NN search and vote in ``eval_knn.py``; code with a single user stays in that user's script.
+precision. Reading user data lives in ``datasets.py``; feature extraction and the k-NN search and vote in
+``eval_knn.py``; code with a single user stays in that user's script.
 """
 import argparse
 import datetime

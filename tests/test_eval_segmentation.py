@@ -13,8 +13,10 @@ from PIL import Image
 import datasets
 import eval_segmentation
 import utils
-from eval_testdata import last_json, run_script, write_dino_checkpoint
+from eval_testdata import last_json, one_thread, run_script, write_dino_checkpoint
 from transforms import IMAGENET_MEAN, IMAGENET_STD
+
+pytestmark = pytest.mark.usefixtures(one_thread.__name__)  # tiny models: one thread is fastest on shared CPUs
 
 CELL = 32  # 2 x 2 patches of 16 pixels
 CLASS_COLOURS = ((30, 30, 30), (220, 40, 30), (30, 60, 220))  # class 0, 1, 2

@@ -25,7 +25,6 @@ Deliberate differences from the reference:
 """
 import argparse
 import json
-import math
 import os
 from typing import Dict, Optional
 
@@ -154,24 +153,13 @@ def build_loaders(args: argparse.Namespace) -> tuple:
 # ----------------------------------------------------------------------------------------------------
 def train_one_epoch(model: nn.Module, classifier: nn.Module, optimizer: torch.optim.Optimizer,
                     loader: torch.utils.data.DataLoader, epoch: int, args: argparse.Namespace) -> Dict[str, float]:
-    classifier.train()
-    metric_logger = utils.MetricLogger(delimiter="  ")
-    metric_logger.add_meter("lr", utils.SmoothedValue(window_size=1, fmt="{value:.6f}"))
-    for images, target in metric_logger.log_every(loader, 20, f"Epoch: [{epoch}]"):
+    def loss_of(images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         images = images.to(args.device, non_blocking=True)  # (B, 3, H, W)
         target = target.to(args.device, non_blocking=True)  # (B,)
         feats = frozen_features(model, images, args.n_last_blocks, args.avgpool_patchtokens)  # (B, F)
-        loss = F.cross_entropy(classifier(feats), target)
-        if not math.isfinite(loss.item()):
-            raise utils.UserError(f"the loss is {loss.item()} at epoch {epoch}: lower --lr or check the "
-                                  f"pretrained weights")
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        metric_logger.update(loss=loss.item(), lr=optimizer.param_groups[0]["lr"])
-    metric_logger.synchronize_between_processes()
-    print("Averaged stats:", metric_logger)
-    return {name: meter.global_avg for name, meter in metric_logger.meters.items()}
+        return F.cross_entropy(classifier(feats), target)
+
+    return utils.train_head_one_epoch(classifier, optimizer, loader, epoch, loss_of)
 
 
 @torch.no_grad()
@@ -283,14 +271,7 @@ def main(args: argparse.Namespace) -> Dict[str, float]:
     elif args.num_labels < num_classes:
         raise utils.UserError(f"--num_labels {args.num_labels} is smaller than the {num_classes} classes found")
 
-    model = utils.build_backbone(args.arch, args.patch_size)
-    if args.n_last_blocks > len(model.blocks):
-        raise utils.UserError(f"--n_last_blocks {args.n_last_blocks} exceeds the {len(model.blocks)} blocks of "
-                              f"{args.arch}")
-    utils.load_pretrained_weights(model, args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size)
-    model.to(args.device).eval()
-    model.requires_grad_(False)
-    print(f"Model {args.arch} {args.patch_size}x{args.patch_size} built.")
+    model = utils.frozen_backbone(args, args.n_last_blocks)
 
     dim = model.embed_dim * (args.n_last_blocks + int(args.avgpool_patchtokens))
     classifier = LinearClassifier(dim, args.num_labels).to(args.device)

@@ -29,7 +29,6 @@ masks (``--num_classes`` sets their number; a larger id is then an error). The l
 """
 import argparse
 import json
-import math
 import os
 from typing import Dict, Iterator, Optional, Sequence, Tuple
 
@@ -259,23 +258,12 @@ class FeatureBatches:
 # ----------------------------------------------------------------------------------------------------
 def train_one_epoch(head: nn.Module, optimizer: torch.optim.Optimizer, train: FeatureBatches,
                     epoch: int) -> Dict[str, float]:
-    head.train()
-    metric_logger = utils.MetricLogger(delimiter="  ")
-    metric_logger.add_meter("lr", utils.SmoothedValue(window_size=1, fmt="{value:.6f}"))
-    for feats, masks in metric_logger.log_every(train.batches(epoch), 20, f"Epoch: [{epoch}]", total=len(train)):
+    def loss_of(feats: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         logits = upsampled_logits(head, feats, masks.shape[-2:])  # (B, C, S, S)
         scored = (masks != IGNORE).sum().clamp(min=1)
-        loss = F.cross_entropy(logits, masks, ignore_index=IGNORE, reduction="sum") / scored  # mean over pixels
-        if not math.isfinite(loss.item()):
-            raise utils.UserError(f"the loss is {loss.item()} at epoch {epoch}: lower --lr or check the "
-                                  f"pretrained weights")
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        metric_logger.update(loss=loss.item(), lr=optimizer.param_groups[0]["lr"])
-    metric_logger.synchronize_between_processes()
-    print("Averaged stats:", metric_logger)
-    return {name: meter.global_avg for name, meter in metric_logger.meters.items()}
+        return F.cross_entropy(logits, masks, ignore_index=IGNORE, reduction="sum") / scored  # mean over pixels
+
+    return utils.train_head_one_epoch(head, optimizer, train.batches(epoch), epoch, loss_of, total=len(train))
 
 
 @torch.no_grad()
@@ -326,19 +314,6 @@ def train_probe(model: nn.Module, head: nn.Module, loaders: tuple, saved: Option
     return scores if scores is not None else validate(head, val, num_classes, args.device)
 
 
-def frozen_backbone(args: argparse.Namespace) -> nn.Module:
-    """The ViT to probe, with its weights, on the device, in eval mode, without gradients."""
-    model = utils.build_backbone(args.arch, args.patch_size)
-    if args.n_last_blocks > len(model.blocks):
-        raise utils.UserError(f"--n_last_blocks {args.n_last_blocks} exceeds the {len(model.blocks)} blocks of "
-                              f"{args.arch}")
-    utils.load_pretrained_weights(model, args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size)
-    model.to(args.device).eval()
-    model.requires_grad_(False)
-    print(f"Model {args.arch} {args.patch_size}x{args.patch_size} built.")
-    return model
-
-
 def main(args: argparse.Namespace) -> Dict[str, object]:
     utils.init_distributed_mode(args)
     utils.resolve_model_args(args)
@@ -352,7 +327,7 @@ def main(args: argparse.Namespace) -> Dict[str, object]:
         raise utils.UserError(f"--evaluate needs a trained head but {checkpoint_path} does not exist: train first "
                               f"(without --evaluate) or pass its --output_dir")
     os.makedirs(args.output_dir, exist_ok=True)
-    model = frozen_backbone(args)
+    model = utils.frozen_backbone(args, args.n_last_blocks)
     loaders = build_loaders(args)
     head = LinearSegmentationHead(model.embed_dim * args.n_last_blocks, loaders[2]).to(args.device)
     head = nn.parallel.DistributedDataParallel(head, device_ids=[args.gpu] if args.device.type == "cuda" else None)

@@ -417,6 +417,27 @@ def restart_schedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr
         group["lr"] = lr * factor(start_epoch)
 
 
+def train_head_one_epoch(head: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable, epoch: int,
+                         loss_of: Callable[..., torch.Tensor], total: Optional[int] = None) -> dict:
+    """One epoch of a linear head on frozen features: for each batch of ``batches`` (``total`` of them, default
+    ``len(batches)``), the loss ``loss_of(*batch)``, a step of ``optimizer``, the loss and lr logged; a non-finite
+    loss is a ``UserError``. Returns the loss and lr averaged over the epoch and the processes."""
+    head.train()
+    metric_logger = MetricLogger(delimiter="  ")
+    metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
+    for batch in metric_logger.log_every(batches, 20, f"Epoch: [{epoch}]", total=total):
+        loss = loss_of(*batch)
+        if not math.isfinite(loss.item()):
+            raise UserError(f"the loss is {loss.item()} at epoch {epoch}: lower --lr or check the pretrained weights")
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        metric_logger.update(loss=loss.item(), lr=optimizer.param_groups[0]["lr"])
+    metric_logger.synchronize_between_processes()
+    print("Averaged stats:", metric_logger)
+    return {name: meter.global_avg for name, meter in metric_logger.meters.items()}
+
+
 class LARS(torch.optim.Optimizer):
     """SGD with momentum and a layer-wise trust ratio (You et al., 2017) for weight matrices; 1-D
     parameters (biases, norms) get plain momentum SGD without weight decay, as in DINO."""
@@ -763,6 +784,20 @@ def load_pretrained_weights(model: nn.Module, pretrained_weights: Optional[str],
         raise UserError(f"{source} has no weights for {arch}: none of its keys match the model "
                         f"(is --checkpoint_key right?)")
     print(f"Pretrained weights found at {source} and loaded with msg: {msg}")
+
+
+def frozen_backbone(args: argparse.Namespace, n_last_blocks: int = 1) -> nn.Module:
+    """The ViT of ``args.arch``/``args.patch_size`` with the weights the model flags name (``model_args``), on
+    ``args.device``, in eval mode and without gradients: a backbone that a probe reads the last ``n_last_blocks``
+    blocks of (more blocks than it has is a ``UserError``)."""
+    model = build_backbone(args.arch, args.patch_size)
+    if n_last_blocks > len(model.blocks):
+        raise UserError(f"--n_last_blocks {n_last_blocks} exceeds the {len(model.blocks)} blocks of {args.arch}")
+    load_pretrained_weights(model, args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size)
+    model.to(args.device).eval()
+    model.requires_grad_(False)
+    print(f"Model {args.arch} {args.patch_size}x{args.patch_size} built.")
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------

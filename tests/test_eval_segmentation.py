@@ -135,8 +135,8 @@ def write_voc(root: str) -> dict:
         mask = np.zeros((24, 40), dtype=np.uint8)
         mask[4:12, 5:20] = 1 + i
         mask[3, 4:21] = 255
-        image = Image.fromarray(mask, mode="P")
-        image.putpalette(palette)
+        image = Image.fromarray(mask)
+        image.putpalette(palette)  # mode P: the class ids are the palette indices
         image.save(os.path.join(root, "SegmentationClass", f"{name}.png"))
         Image.new("RGB", (40, 24), (90, 120, 150)).save(os.path.join(root, "JPEGImages", f"{name}.jpg"))
         masks[name] = mask

@@ -10,6 +10,8 @@
   evaluation transform (``eval_transform``).
 - Training images (``build_image_source``): every image under ``--data_path`` (labels unused), or a packed
   dataset's training split.
+- Segmentation folders (``build_segmentation_dataset``): Pascal VOC or plain ``images/`` + ``masks/`` splits, masks
+  read as class ids (``read_class_mask``; 255 = not scored).
 """
 import gzip
 import math
@@ -425,3 +427,142 @@ def build_image_source(data_path: str) -> torch.utils.data.Dataset:
         raise UserError(f"no images found in --data_path {data_path}: expected class sub-folders of images, "
                         f"images directly inside, CIFAR-10's cifar-10-batches-py, or MNIST-format files")
     return ImageList(paths)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Segmentation folders: Pascal VOC and plain images/masks
+# ----------------------------------------------------------------------------------------------------
+SEGMENTATION_IGNORE = 255  # mask value of the pixels that are not scored (VOC's object outlines)
+VOC_FOLDERS = ("JPEGImages", "SegmentationClass")
+MASK_MODES = ("P", "L", "1", "I", "I;16")  # Pillow modes that hold one number per pixel
+
+
+def read_class_mask(path: str) -> np.ndarray:
+    """The class ids of a mask image, (H, W) uint8: a palette PNG (VOC, DAVIS) gives its palette indices, not its
+    colours; a grayscale PNG its values (16-bit ones must stay under 256). Colour images and undecodable files are
+    a ``UserError`` naming the file."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode, values = img.mode, np.asarray(img)  # (H, W)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise UserError(f"cannot decode mask {path}: {exc}") from None
+    if mode not in MASK_MODES:
+        raise UserError(f"mask {path} is a {mode} image: a mask holds one class id per pixel (a palette or "
+                        f"grayscale PNG), not colours")
+    if values.size and (values.min() < 0 or values.max() > 255):
+        raise UserError(f"mask {path} holds values up to {values.max()}: class ids must be 0..254 "
+                        f"({SEGMENTATION_IGNORE} = not scored)")
+    return values.astype(np.uint8)
+
+
+class SegmentationFolder(torch.utils.data.Dataset):
+    """(image path, mask path) pairs of a segmentation split. Items are ``transform(image, mask)``, by default the
+    RGB PIL image and its (H, W) uint8 class ids (``SEGMENTATION_IGNORE`` = not scored). A mask of another size
+    than its image is a ``UserError`` naming both."""
+
+    def __init__(self, samples: Sequence[Tuple[str, str]], transform: Optional[Callable] = None):
+        self.samples = list(samples)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        image_path, mask_path = self.samples[index]
+        image, mask = open_image(image_path), read_class_mask(mask_path)
+        if mask.shape != (image.height, image.width):
+            raise UserError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} pixels but its image {image_path} "
+                            f"is {image.width}x{image.height}: a mask needs the size of its image")
+        return self.transform(image, mask) if self.transform else (image, mask)
+
+    def largest_class_id(self, indices: Sequence[int]) -> Tuple[int, str]:
+        """The largest class id (``SEGMENTATION_IGNORE`` left out) in the masks of the items ``indices``, and the
+        mask that holds it; ``(-1, "")`` when they hold no scored pixel. Reads the masks only."""
+        largest, where = -1, ""
+        for index in indices:
+            path = self.samples[index][1]
+            ids = read_class_mask(path)  # (H, W)
+            ids = ids[ids != SEGMENTATION_IGNORE]  # (P,)
+            if ids.size and int(ids.max()) > largest:
+                largest, where = int(ids.max()), path
+        return largest, where
+
+
+def _voc_samples(root: str, split: str) -> list:
+    """Pascal VOC: the ids listed in ``ImageSets/Segmentation/<split>.txt``, their ``JPEGImages/<id>.jpg`` and
+    ``SegmentationClass/<id>.png``."""
+    list_path = os.path.join(root, "ImageSets", "Segmentation", f"{split}.txt")
+    if not os.path.isfile(list_path):
+        raise UserError(f"{list_path} not found: the Pascal VOC layout lists the images of split '{split}' in "
+                        f"ImageSets/Segmentation/{split}.txt")
+    for folder in VOC_FOLDERS:
+        require_folder(os.path.join(root, folder), "Pascal VOC folder")
+    with open(list_path) as f:
+        ids = [line.split()[0] for line in f if line.strip()]
+    if not ids:
+        raise UserError(f"{list_path} lists no images")
+    samples = []
+    for name in ids:
+        image = os.path.join(root, "JPEGImages", f"{name}.jpg")
+        mask = os.path.join(root, "SegmentationClass", f"{name}.png")
+        if not os.path.isfile(image):
+            raise UserError(f"image {image}, listed in {list_path}, does not exist")
+        if not os.path.isfile(mask):
+            raise UserError(f"image {image} has no mask: {mask} does not exist")
+        samples.append((image, mask))
+    return samples
+
+
+def _plain_samples(split_dir: str) -> list:
+    """Plain layout: every image under ``<split>/images`` with the PNG of the same stem (its path below ``images/``
+    without the extension) under ``<split>/masks``; masks without an image are noted and ignored."""
+    images_dir, masks_dir = os.path.join(split_dir, "images"), os.path.join(split_dir, "masks")
+    require_folder(images_dir, "image folder")
+    require_folder(masks_dir, "mask folder")
+
+    def stem(path: str, folder: str) -> str:
+        return os.path.splitext(os.path.relpath(path, folder))[0]
+
+    masks = {stem(p, masks_dir): p for p in list_images(masks_dir, recursive=True) if p.lower().endswith(".png")}
+    images = list_images(images_dir, recursive=True)
+    if not images:
+        raise UserError(f"{images_dir} holds no images")
+    samples, named = [], {}
+    for image in images:
+        name = stem(image, images_dir)
+        if name in named:
+            raise UserError(f"{named[name]} and {image} differ only by their extension: a mask is matched to its "
+                            f"image by name, so two images cannot share one")
+        named[name] = image
+        if name not in masks:
+            raise UserError(f"image {image} has no mask: {os.path.join(masks_dir, name + '.png')} does not exist")
+        samples.append((image, masks[name]))
+    if len(masks) > len(samples):
+        print(f"Note: {masks_dir}: ignored {len(masks) - len(samples)} masks without an image")
+    return samples
+
+
+def build_segmentation_dataset(data_path: str, split: str,
+                               transform: Optional[Callable] = None) -> SegmentationFolder:
+    """Split ``split`` (``train``, ``val``) of a segmentation folder, in one of two layouts, told apart by their
+    folders:
+
+    - Pascal VOC (``JPEGImages/`` or ``SegmentationClass/`` in ``data_path``): ``JPEGImages/<id>.jpg`` with
+      ``SegmentationClass/<id>.png`` (palette PNGs, read as their indices) for the ids listed in
+      ``ImageSets/Segmentation/<split>.txt``;
+    - plain: ``<split>/images/`` and ``<split>/masks/``, a mask being the PNG of class ids with its image's name.
+
+    In both, ``SEGMENTATION_IGNORE`` (255) marks pixels that are not scored. A missing folder or list, a listed image
+    that does not exist and an image without a mask are ``UserError``s."""
+    require_folder(data_path)
+    if any(os.path.isdir(os.path.join(data_path, name)) for name in VOC_FOLDERS):
+        return SegmentationFolder(_voc_samples(data_path, split), transform)
+    if not any(os.path.isdir(os.path.join(data_path, name)) for name in ("train", "val", split)):
+        raise UserError(f"{data_path} holds neither the Pascal VOC layout (JPEGImages/, SegmentationClass/, "
+                        f"ImageSets/Segmentation/) nor the plain one (train/images/, train/masks/, val/images/, "
+                        f"val/masks/)")
+    split_dir = os.path.join(data_path, split)
+    if not os.path.isdir(split_dir):
+        raise UserError(f"{split_dir} not found: the plain layout needs {split}/images/ and {split}/masks/")
+    return SegmentationFolder(_plain_samples(split_dir), transform)

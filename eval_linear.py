@@ -24,9 +24,7 @@ Deliberate differences from the reference:
   linear weights); the last line of stdout is a JSON object with ``top1``, ``top5`` and ``best_acc``.
 """
 import argparse
-import hashlib
 import json
-import math
 import os
 from typing import Dict, Optional
 
@@ -109,11 +107,7 @@ def frozen_features(model: nn.Module, images: torch.Tensor, n_last_blocks: int, 
 def feature_setup(model: nn.Module, args: argparse.Namespace) -> Dict[str, object]:
     """What the classifier's input depends on, saved with it: a classifier is only resumed or evaluated on
     the same features. The backbone is identified by a SHA-256 of its weights, not by the file's path."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().numpy().tobytes())
-    return {"backbone weights": digest.hexdigest(), "--arch": args.arch, "--patch_size": args.patch_size,
+    return {"backbone weights": utils.weights_digest(model), "--arch": args.arch, "--patch_size": args.patch_size,
             "--n_last_blocks": args.n_last_blocks, "--avgpool_patchtokens": args.avgpool_patchtokens,
             "--image_size": args.image_size}
 
@@ -159,24 +153,13 @@ def build_loaders(args: argparse.Namespace) -> tuple:
 # ----------------------------------------------------------------------------------------------------
 def train_one_epoch(model: nn.Module, classifier: nn.Module, optimizer: torch.optim.Optimizer,
                     loader: torch.utils.data.DataLoader, epoch: int, args: argparse.Namespace) -> Dict[str, float]:
-    classifier.train()
-    metric_logger = utils.MetricLogger(delimiter="  ")
-    metric_logger.add_meter("lr", utils.SmoothedValue(window_size=1, fmt="{value:.6f}"))
-    for images, target in metric_logger.log_every(loader, 20, f"Epoch: [{epoch}]"):
+    def loss_of(images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         images = images.to(args.device, non_blocking=True)  # (B, 3, H, W)
         target = target.to(args.device, non_blocking=True)  # (B,)
         feats = frozen_features(model, images, args.n_last_blocks, args.avgpool_patchtokens)  # (B, F)
-        loss = F.cross_entropy(classifier(feats), target)
-        if not math.isfinite(loss.item()):
-            raise utils.UserError(f"the loss is {loss.item()} at epoch {epoch}: lower --lr or check the "
-                                  f"pretrained weights")
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        metric_logger.update(loss=loss.item(), lr=optimizer.param_groups[0]["lr"])
-    metric_logger.synchronize_between_processes()
-    print("Averaged stats:", metric_logger)
-    return {name: meter.global_avg for name, meter in metric_logger.meters.items()}
+        return F.cross_entropy(classifier(feats), target)
+
+    return utils.train_head_one_epoch(classifier, optimizer, loader, epoch, loss_of)
 
 
 @torch.no_grad()
@@ -209,29 +192,8 @@ def load_classifier_checkpoint(path: str, classifier: nn.Module, setup: Dict[str
     """Restore the classifier (and optimizer, scheduler) from ``path`` after checking that it was trained on
     the features ``setup`` describes (see ``feature_setup``); returns the checkpoint."""
     checkpoint = utils.load_checkpoint(path)
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise utils.UserError(f"{path} is not a linear classifier checkpoint (no 'state_dict')")
-    saved = checkpoint.get("setup")
-    if isinstance(saved, dict):
-        differ = [key if key == "backbone weights" else f"{key} {value} (saved: {saved.get(key)})"
-                  for key, value in setup.items() if saved.get(key) != value]
-        if differ:
-            raise utils.UserError(f"{path} holds a classifier trained on other features: {', '.join(differ)}. "
-                                  f"Use another --output_dir for this backbone, or delete that checkpoint to retrain")
-    else:
-        print(f"{path} does not record the backbone it was trained on (a released head?): not checked")
-    try:
-        classifier.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError:
-        shapes = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items() if torch.is_tensor(v)}
-        raise utils.UserError(f"{path} holds a classifier of another shape {shapes}: it was trained with other "
-                              f"--arch/--n_last_blocks/--avgpool_patchtokens/--num_labels; use those or another "
-                              f"--output_dir") from None
-    for name, obj in (("optimizer", optimizer), ("scheduler", scheduler)):
-        if obj is not None and name in checkpoint:
-            obj.load_state_dict(checkpoint[name])
-    print(f"Restored the linear classifier from {path} (epoch {checkpoint.get('epoch', 0)})")
-    return checkpoint
+    return utils.restore_linear_head(path, checkpoint, classifier, setup,
+                                     "--arch/--n_last_blocks/--avgpool_patchtokens/--num_labels", optimizer, scheduler)
 
 
 def train_linear(model: nn.Module, classifier: nn.Module, train_loader: torch.utils.data.DataLoader,
@@ -239,21 +201,14 @@ def train_linear(model: nn.Module, classifier: nn.Module, train_loader: torch.ut
                  args: argparse.Namespace) -> Dict[str, float]:
     """The training loop with resume, validation, checkpoint and log every ``val_freq`` epochs."""
     lr = args.lr * args.batch_size_per_gpu * utils.get_world_size() / 256.0
-    optimizer = torch.optim.SGD(classifier.parameters(), lr, momentum=0.9, weight_decay=args.weight_decay)
     epochs = args.epochs
-
-    def cosine(epoch: int) -> float:
-        return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+    optimizer, scheduler = utils.linear_probe_optimizer(classifier.parameters(), lr, epochs, args.weight_decay)
     checkpoint_path = os.path.join(args.output_dir, CHECKPOINT_NAME)
     start_epoch, best_acc, test_stats = 0, 0.0, None
     if os.path.isfile(checkpoint_path):
         checkpoint = load_classifier_checkpoint(checkpoint_path, classifier, setup, optimizer, scheduler)
         start_epoch, best_acc = int(checkpoint.get("epoch", 0)), float(checkpoint.get("best_acc", 0.0))
-        scheduler.base_lrs = [lr] * len(optimizer.param_groups)  # the current --lr, batch and --epochs
-        for group in optimizer.param_groups:
-            group["lr"] = lr * cosine(start_epoch)
+        utils.restart_schedule(optimizer, scheduler, lr, start_epoch)  # the current --lr, batch and --epochs
 
     for epoch in range(start_epoch, epochs):
         train_loader.sampler.set_epoch(epoch)
@@ -311,14 +266,7 @@ def main(args: argparse.Namespace) -> Dict[str, float]:
     elif args.num_labels < num_classes:
         raise utils.UserError(f"--num_labels {args.num_labels} is smaller than the {num_classes} classes found")
 
-    model = utils.build_backbone(args.arch, args.patch_size)
-    if args.n_last_blocks > len(model.blocks):
-        raise utils.UserError(f"--n_last_blocks {args.n_last_blocks} exceeds the {len(model.blocks)} blocks of "
-                              f"{args.arch}")
-    utils.load_pretrained_weights(model, args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size)
-    model.to(args.device).eval()
-    model.requires_grad_(False)
-    print(f"Model {args.arch} {args.patch_size}x{args.patch_size} built.")
+    model = utils.frozen_backbone(args, args.n_last_blocks)
 
     dim = model.embed_dim * (args.n_last_blocks + int(args.avgpool_patchtokens))
     classifier = LinearClassifier(dim, args.num_labels).to(args.device)

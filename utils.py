@@ -3,13 +3,15 @@
 Command-line helpers (one-line errors, bounded argparse types, the model flags of the evaluations), distributed
 set-up (torchrun, SLURM, or a plain ``python`` process) and rank helpers that also answer without a process
 group, ``MetricLogger`` with ETA and the JSON log, DINO's optimiser helpers (parameter groups, gradient clipping,
-the frozen last layer, LARS), checkpoint save/restore (atomic writes, ``weights_only=True`` reads), building a ViT
-from its name and loading pretrained weights (official DINO URLs as fallback; ``--arch``/``--patch_size`` from a
-checkpoint's saved args), and average precision. Reading user data lives in ``datasets.py``; feature extraction
-and the k-NN search and vote in ``eval_knn.py``; code with a single user stays in that user's script.
+the frozen last layer, LARS), checkpoint save/restore (atomic writes, ``weights_only=True`` reads, linear heads
+checked against the features they were trained on), building a ViT from its name and loading pretrained weights
+(official DINO URLs as fallback; ``--arch``/``--patch_size`` from a checkpoint's saved args), and average
+precision. Reading user data lives in ``datasets.py``; feature extraction and the k-NN search and vote in
+``eval_knn.py``; code with a single user stays in that user's script.
 """
 import argparse
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -20,7 +22,7 @@ import sys
 import time
 import zipfile
 from collections import defaultdict, deque
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -388,6 +390,47 @@ def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer:
             param.grad = None
 
 
+def linear_probe_optimizer(params: Iterable[torch.Tensor], lr: float, epochs: int,
+                           weight_decay: float) -> Tuple[torch.optim.SGD, torch.optim.lr_scheduler.LambdaLR]:
+    """DINO's optimiser for a linear head on frozen features: SGD with momentum 0.9, ``lr`` decayed by a cosine over
+    ``epochs`` (the scheduler is stepped once per epoch and computes the factor from the epoch, so a run resumed
+    with more epochs follows the new schedule; see ``restart_schedule``)."""
+    optimizer = torch.optim.SGD(params, lr, momentum=0.9, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                  lambda epoch: 0.5 * (1.0 + math.cos(math.pi * epoch / epochs)))
+    return optimizer, scheduler
+
+
+def restart_schedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float,
+                     start_epoch: int) -> None:
+    """After a saved optimizer and scheduler are restored: go on from ``start_epoch`` with the current ``lr`` (and
+    number of epochs), not the saved run's."""
+    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["lr"] = lr * factor(start_epoch)
+
+
+def train_head_one_epoch(head: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable, epoch: int,
+                         loss_of: Callable[..., torch.Tensor], total: Optional[int] = None) -> dict:
+    """One epoch of a linear head on frozen features: for each batch of ``batches`` (``total`` of them, default
+    ``len(batches)``), the loss ``loss_of(*batch)``, a step of ``optimizer``, the loss and lr logged; a non-finite
+    loss is a ``UserError``. Returns the loss and lr averaged over the epoch and the processes."""
+    head.train()
+    metric_logger = MetricLogger(delimiter="  ")
+    metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
+    for batch in metric_logger.log_every(batches, 20, f"Epoch: [{epoch}]", total=total):
+        loss = loss_of(*batch)
+        if not math.isfinite(loss.item()):
+            raise UserError(f"the loss is {loss.item()} at epoch {epoch}: lower --lr or check the pretrained weights")
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        metric_logger.update(loss=loss.item(), lr=optimizer.param_groups[0]["lr"])
+    metric_logger.synchronize_between_processes()
+    print("Averaged stats:", metric_logger)
+    return {name: meter.global_avg for name, meter in metric_logger.meters.items()}
+
+
 class LARS(torch.optim.Optimizer):
     """SGD with momentum and a layer-wise trust ratio (You et al., 2017) for weight matrices; 1-D
     parameters (biases, norms) get plain momentum SGD without weight decay, as in DINO."""
@@ -546,6 +589,48 @@ def load_checkpoint(path: str, map_location: Any = "cpu", mmap: bool = False) ->
                         f"torch.save): {detail}") from None
 
 
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 of a model's weights (names and float32 values): identifies a frozen backbone by its weights, not
+    by the path of the file they came from."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def restore_linear_head(path: str, checkpoint: Any, head: nn.Module, setup: dict, shape_flags: str,
+                        optimizer: Optional[torch.optim.Optimizer] = None,
+                        scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None) -> dict:
+    """Restore a linear head trained on frozen features (and its optimizer, scheduler) from ``checkpoint``, read
+    from ``path``, after checking that its saved ``setup`` (what its features depend on: the backbone's
+    ``weights_digest`` and the flags that shape them) equals ``setup``; a checkpoint without one is loaded
+    unchecked, with a note. A head of another shape is a ``UserError`` naming ``shape_flags``. Returns
+    ``checkpoint``."""
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise UserError(f"{path} is not a linear classifier checkpoint (no 'state_dict')")
+    saved = checkpoint.get("setup")
+    if isinstance(saved, dict):
+        differ = [key if key == "backbone weights" else f"{key} {value} (saved: {saved.get(key)})"
+                  for key, value in setup.items() if saved.get(key) != value]
+        if differ:
+            raise UserError(f"{path} holds a classifier trained on other features: {', '.join(differ)}. "
+                            f"Use another --output_dir for this backbone, or delete that checkpoint to retrain")
+    else:
+        print(f"{path} does not record the backbone it was trained on (a released head?): not checked")
+    try:
+        head.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError:
+        shapes = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items() if torch.is_tensor(v)}
+        raise UserError(f"{path} holds a classifier of another shape {shapes}: it was trained with other "
+                        f"{shape_flags}; use those or another --output_dir") from None
+    for name, obj in (("optimizer", optimizer), ("scheduler", scheduler)):
+        if obj is not None and name in checkpoint:
+            obj.load_state_dict(checkpoint[name])
+    print(f"Restored the linear classifier from {path} (epoch {checkpoint.get('epoch', 0)})")
+    return checkpoint
+
+
 # ----------------------------------------------------------------------------------------------------
 # Models and weights
 # ----------------------------------------------------------------------------------------------------
@@ -692,6 +777,20 @@ def load_pretrained_weights(model: nn.Module, pretrained_weights: Optional[str],
         raise UserError(f"{source} has no weights for {arch}: none of its keys match the model "
                         f"(is --checkpoint_key right?)")
     print(f"Pretrained weights found at {source} and loaded with msg: {msg}")
+
+
+def frozen_backbone(args: argparse.Namespace, n_last_blocks: int = 1) -> nn.Module:
+    """The ViT of ``args.arch``/``args.patch_size`` with the weights the model flags name (``model_args``), on
+    ``args.device``, in eval mode and without gradients: a backbone that a probe reads the last ``n_last_blocks``
+    blocks of (more blocks than it has is a ``UserError``)."""
+    model = build_backbone(args.arch, args.patch_size)
+    if n_last_blocks > len(model.blocks):
+        raise UserError(f"--n_last_blocks {n_last_blocks} exceeds the {len(model.blocks)} blocks of {args.arch}")
+    load_pretrained_weights(model, args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size)
+    model.to(args.device).eval()
+    model.requires_grad_(False)
+    print(f"Model {args.arch} {args.patch_size}x{args.patch_size} built.")
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------

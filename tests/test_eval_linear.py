@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import eval_linear
-import utils
 import vision_transformer as vits
 from eval_testdata import assert_one_line_error, last_json, make_image_folder, run_script, write_dino_checkpoint
 

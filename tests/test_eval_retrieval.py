@@ -2,12 +2,9 @@
 independent implementation, the trapezoid AP, the dataset (query crops, errors) and an end-to-end run on
 a mini roxford5k written in the revisitop layout, checked against features computed here (CPU)."""
 import argparse
-import json
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 import urllib.error
 
 import numpy as np
@@ -18,10 +15,8 @@ from torchvision.transforms import functional as TF
 
 import eval_image_retrieval as retrieval
 import utils
-import vision_transformer as vits
-from eval_testdata import one_thread, random_image, write_teacher_student_checkpoint  # noqa: F401 (fixture)
+from eval_testdata import assert_one_line_error, last_json, random_image, run_script, write_teacher_student_checkpoint
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 PATCH = 8
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -31,19 +26,6 @@ IMSIZE = 64
 # ----------------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------------
-def write_dino_checkpoint(path: str, patch_size: int = PATCH) -> vits.VisionTransformer:
-    return write_teacher_student_checkpoint(path, patch_size, seed=0)
-
-
-def run_script(script: str, *flags: str) -> subprocess.CompletedProcess:
-    """Run a script as plain ``python``, outside any launcher environment a surrounding job may have set."""
-    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in launcher and not k.startswith("SLURM_")}
-    env["OMP_NUM_THREADS"] = "1"
-    return subprocess.run([sys.executable, os.path.join(REPO, script), *flags], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
 def reference_ap_and_precisions(ranking, ok, junk, kappas):
     """The revisited protocol written out step by step, as a check of compute_map."""
     ok, junk = set(int(i) for i in ok), set(int(i) for i in junk) - set(int(i) for i in ok)
@@ -156,7 +138,7 @@ def mini_revisited(tmp_path_factory):
     with open(root / "roxford5k" / "gnd_roxford5k.pkl", "wb") as f:
         pickle.dump({"imlist": [n for n, _ in DATABASE], "qimlist": QUERIES, "gnd": GND}, f)
     ckpt = str(root / "checkpoint.pth")
-    teacher = write_dino_checkpoint(ckpt)
+    teacher = write_teacher_student_checkpoint(ckpt, PATCH, seed=0)
     return root, ckpt, teacher
 
 
@@ -209,12 +191,12 @@ def assert_results_match(got: dict, expected: dict):
 
 def test_end_to_end_prints_the_expected_json(mini_revisited):
     root, ckpt, teacher = mini_revisited
-    proc = run_script("eval_image_retrieval.py", "--data_path", str(root), "--dataset", "roxford5k",
-                      "--imsize", str(IMSIZE), "--arch", "vit_tiny", "--patch_size", str(PATCH),
-                      "--pretrained_weights", ckpt, "--num_workers", "0", "--use_cuda", "false")
-    assert proc.returncode == 0, proc.stderr
+    proc = run_script("eval_image_retrieval.py", ["--data_path", str(root), "--dataset", "roxford5k",
+                                                  "--imsize", str(IMSIZE), "--arch", "vit_tiny", "--patch_size",
+                                                  str(PATCH), "--pretrained_weights", ckpt, "--num_workers", "0",
+                                                  "--use_cuda", "false"], timeout=300, threads=1)
+    got = last_json(proc)
     lines = proc.stdout.strip().splitlines()
-    got = json.loads(lines[-1])
     assert any(line.startswith(">> roxford5k: mAP E:") for line in lines)
     assert set(got) == {"dataset", "mAP_E", "mAP_M", "mAP_H", "mP@k"}
     assert_results_match(got, expected_results(root, teacher, multiscale=False, crop=True))
@@ -272,10 +254,9 @@ def test_missing_ground_truth_and_bad_images_are_one_line_errors(mini_revisited,
     broken = tmp_path / "broken"
     shutil.copytree(root / "roxford5k", broken / "roxford5k")
     (broken / "roxford5k" / "jpg" / "d3.jpg").write_bytes(b"not a jpeg")
-    proc = run_script("eval_image_retrieval.py", "--data_path", str(broken), *flags)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # one line, no traceback
-    assert proc.stderr.startswith("error: cannot decode image") and "d3.jpg" in proc.stderr
+    proc = run_script("eval_image_retrieval.py", ["--data_path", str(broken), *flags], timeout=300, threads=1)
+    line = assert_one_line_error(proc, "d3.jpg")
+    assert line.startswith("error: cannot decode image")
 
 
 def test_ground_truth_is_read_without_running_code(tmp_path, runs_code):

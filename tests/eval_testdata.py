@@ -54,6 +54,21 @@ def write_images(folder, count: int, size: int = 80, seed: int = 0):
         Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(os.path.join(folder, f"img{k}.png"))
 
 
+def write_awkward_images(folder) -> Image.Image:
+    """In ``folder`` (a pathlib.Path): a truncated JPEG (the one bad file), a CMYK JPEG, a palette PNG with
+    transparency, a grayscale PNG and 2 RGB ``write_images``; returns the RGB image the others are made from."""
+    write_images(folder, 2)
+    rgb = Image.open(folder / "img0.png")
+    rgb.save(folder / "truncated.jpg", quality=90)
+    data = (folder / "truncated.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[:len(data) // 3])
+    rgb.convert("CMYK").save(folder / "cmyk.jpg", quality=95)
+    palette = rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    palette.save(folder / "palette.png", transparency=0)
+    rgb.convert("L").save(folder / "gray.png")
+    return rgb
+
+
 def write_dino_checkpoint(path: str, arch: str = "vit_tiny", patch_size: int = 16, seed: int = 0) -> str:
     """A checkpoint in the DINO training layout whose teacher is a random ViT and whose student is NaN,
     so that evaluating the wrong key is refused (non-finite weights) instead of giving numbers."""
@@ -201,3 +216,11 @@ def assert_same_training(out_a, out_b):
             assert torch.equal(value, b[part][key]), f"{part} {key}"
     assert [(line["epoch"], line["train_loss"]) for line in read_log(out_a)] == \
            [(line["epoch"], line["train_loss"]) for line in read_log(out_b)]
+
+
+def fake_gpus(monkeypatch, count: int):
+    """Torch sees ``count`` GPUs, and this process is local rank 1 of 2 (as torchrun would set)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)

@@ -1,5 +1,5 @@
 """Tests of eval_image_retrieval.py: the revisited-protocol mAP/mP@k against hand-worked rankings and an
-independent implementation, the trapezoid AP, the dataset (query crops, errors) and an end-to-end run on
+independent implementation, the dataset (query crops, errors) and an end-to-end run on
 a mini roxford5k written in the revisitop layout, checked against features computed here (CPU)."""
 import argparse
 import os
@@ -48,17 +48,6 @@ def reference_ap_and_precisions(ranking, ok, junk, kappas):
 # ----------------------------------------------------------------------------------------------------
 # Metrics
 # ----------------------------------------------------------------------------------------------------
-def test_average_precision_hand_worked():
-    assert utils.average_precision([0], 1) == pytest.approx(1.0)
-    assert utils.average_precision([1], 1) == pytest.approx(0.25)  # (0/1 + 1/2) / 2
-    assert utils.average_precision([0, 2], 2) == pytest.approx(0.5 * (1 + 1) / 2 + 0.5 * (1 / 2 + 2 / 3) / 2)
-    assert utils.average_precision([0], 2) == pytest.approx(0.5)  # the other positive was never retrieved
-    assert utils.average_precision([], 3) == 0.0
-    assert utils.average_precision([0, 1, 2], 3) == pytest.approx(1.0)
-    with pytest.raises(ValueError):
-        utils.average_precision([0], 0)
-
-
 def test_compute_map_hand_worked():
     # database of 6, three queries (columns)
     ranks = np.array([[3, 0, 5], [1, 1, 4], [0, 2, 3], [4, 3, 2], [2, 4, 1], [5, 5, 0]])
@@ -263,7 +252,8 @@ def test_ground_truth_is_read_without_running_code(tmp_path, runs_code):
     (tmp_path / "roxford5k").mkdir()
     with open(tmp_path / "roxford5k" / "gnd_roxford5k.pkl", "wb") as f:
         pickle.dump({"imlist": [], "qimlist": [], "gnd": [runs_code(tmp_path / "ran")]}, f)
-    with pytest.raises(utils.UserError, match="refused"):
+    with pytest.raises(utils.UserError, match=f"^refused to load {tmp_path}/roxford5k/gnd_roxford5k.pkl: global "
+                                              r"'\w+.system' is forbidden \(only plain data"):
         retrieval.load_ground_truth(str(tmp_path), "roxford5k")
     assert not (tmp_path / "ran").exists()
 

@@ -5,6 +5,7 @@ import argparse
 import os
 import pathlib
 import pickle
+import re
 import subprocess
 import sys
 
@@ -213,11 +214,15 @@ def test_training_layout_checkpoint_loads_teacher_and_student(tmp_path):
 def test_checkpoint_of_another_patch_size_or_arch_is_refused(tmp_path):
     path = str(tmp_path / "checkpoint.pth")
     write_teacher_student_checkpoint(path, 8, seed=0)
-    with pytest.raises(utils.UserError, match="patch size 8.*--patch_size"):
-        utils.load_pretrained_weights(utils.build_backbone("vit_tiny", 16), path, "teacher", "vit_tiny", 16)
-    with pytest.raises(utils.UserError, match="width 192"):
-        utils.load_pretrained_weights(utils.build_backbone("vit_small", 8), path, "teacher", "vit_small", 8)
-    with pytest.raises(utils.UserError, match="checkpoint_key"):
+    for arch, patch_size, shapes in (
+            ("vit_tiny", 16, "pos_embed: (1, 785, 192) in the file, (1, 197, 192) in the model"),
+            ("vit_small", 8, "cls_token: (1, 1, 192) in the file, (1, 1, 384) in the model")):
+        message = (f"{path} holds a ViT of width 192 with patch size 8, which does not fit {arch}/{patch_size} "
+                   f"({shapes}): pass the --arch and --patch_size it was trained with")
+        with pytest.raises(utils.UserError, match=f"^{re.escape(message)}$"):
+            utils.load_pretrained_weights(utils.build_backbone(arch, patch_size), path, "teacher", arch, patch_size)
+    with pytest.raises(utils.UserError, match=f"^{path} has no entry 'nope': pass --checkpoint_key with one of "
+                                              f"teacher, student, optimizer, epoch, dino_loss, args$"):
         utils.load_pretrained_weights(utils.build_backbone("vit_tiny", 8), path, "nope", "vit_tiny", 8)
 
 

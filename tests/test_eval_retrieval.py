@@ -4,6 +4,7 @@ a mini roxford5k written in the revisitop layout, checked against features compu
 import argparse
 import os
 import pickle
+import re
 import shutil
 import urllib.error
 
@@ -226,7 +227,9 @@ def test_default_weights_are_the_gldv2_ones_and_offline_is_a_clear_error(mini_re
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     parser = argparse.ArgumentParser(parents=[retrieval.get_args_parser()])
     args = parser.parse_args(["--data_path", str(root), "--num_workers", "0", "--use_cuda", "false"])
-    with pytest.raises(utils.UserError, match="--pretrained_weights"):
+    with pytest.raises(utils.UserError, match=f"^could not download the official DINO weights for vit_small/16 from "
+                                              f"{re.escape(retrieval.GLDV2_URL)} \\(URLError: .*no network.*\\); .*"
+                                              f"--pretrained_weights"):
         retrieval.main(args)
     assert asked == [retrieval.GLDV2_URL]
 

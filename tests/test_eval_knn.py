@@ -207,16 +207,6 @@ def test_model_comes_from_the_checkpoint_args_without_flags(image_data, tmp_path
     assert "--arch vit_small and --patch_size 16 by default" in result.stdout
 
 
-def test_empty_class_folder_is_kept_as_a_class(tmp_path, capsys):
-    data = make_image_folder(str(tmp_path / "data"), {"train": (2, 2), "val": (1, 1)})
-    os.makedirs(os.path.join(data, "train", "green"))
-    os.makedirs(os.path.join(data, "val", "green"))
-    train, val = eval_knn.build_datasets(argparse.Namespace(data_path=data, resize_size=32, crop_size=32))
-    assert train.classes == val.classes == ["blue", "green", "red"]
-    assert train.targets == [0, 0, 2, 2] and val.targets == [0, 2]
-    assert "no images in the class folders green" in capsys.readouterr().out
-
-
 def test_resize_smaller_than_the_crop_is_refused(image_data):
     _, data, checkpoint = image_data
     parser = argparse.ArgumentParser(parents=[eval_knn.get_args_parser()])

@@ -12,7 +12,7 @@ import torch
 
 import utils
 import vision_transformer as vits
-from eval_testdata import REPO, one_thread, write_dino_checkpoint  # noqa: F401
+from eval_testdata import REPO
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,11 +31,6 @@ def official_parameter_names(depth: int = 12) -> set:
 
 def hub_load(name: str, **kwargs) -> torch.nn.Module:
     return torch.hub.load(REPO, name, source="local", **kwargs)
-
-
-@pytest.fixture(scope="module")
-def checkpoint8(tmp_path_factory) -> str:
-    return write_dino_checkpoint(str(tmp_path_factory.mktemp("hub") / "checkpoint.pth"), patch_size=8, seed=3)
 
 
 @pytest.fixture

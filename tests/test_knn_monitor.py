@@ -4,10 +4,8 @@ plot_logs.py draws every curve of the log it leaves.
 
 Training and monitor data are a tiny MNIST-format folder (tests/mnist_testdata.py); vit_tiny/8 at 32 px."""
 import argparse
-import builtins
 import contextlib
 import io
-import json
 import os
 
 import numpy as np
@@ -18,7 +16,8 @@ import datasets
 import patch_wise_dino as pwd
 import plot_logs
 import utils
-from eval_testdata import last_json, run_script
+from eval_testdata import assert_one_line_error, last_json, read_log, run_cli_here, run_script
+from eval_testdata import train as train_in_process
 from mnist_testdata import make_mnist_folder
 
 TINY = ["--arch", "vit_tiny", "--patch_size", "8", "--global_size", "32", "--local_size", "16", "--resize", "48",
@@ -30,20 +29,9 @@ VAL_LABELS = [3, 2, 1, 0, 0, 1, 2, 3, 2]  # 9: odd, so two processes get padded 
 
 def train(argv, capture=False):
     """``patch_wise_dino.main`` in this process; returns its printed output when ``capture``."""
-    saved_print, out = builtins.print, io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out) if capture else contextlib.nullcontext():
-            pwd.main(argparse.ArgumentParser(parents=[pwd.get_args_parser()]).parse_args(argv))
-    finally:
-        if utils.is_dist_avail_and_initialized():
-            torch.distributed.destroy_process_group()
-        builtins.print = saved_print
-    return out.getvalue()
-
-
-def read_log(output_dir):
-    with open(os.path.join(output_dir, "log.txt")) as f:
-        return [json.loads(line) for line in f]
+    with contextlib.redirect_stdout(io.StringIO()) if capture else contextlib.nullcontext() as out:
+        train_in_process(argv)
+    return out.getvalue() if capture else ""
 
 
 @pytest.fixture(scope="module")
@@ -148,10 +136,9 @@ def test_subset_is_fixed_and_keeps_labels_with_their_images(data):
     (["--knn_max_images", "-1"], "argument --knn_max_images: must be >= 0"),
 ])
 def test_bad_monitor_flags_are_one_line_argument_errors(flags, message, capsys):
-    with pytest.raises(SystemExit):
-        utils.ArgumentParser(parents=[pwd.get_args_parser()]).parse_args(TINY + flags)
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and message in err, err
+    result = run_cli_here(pwd.main, utils.ArgumentParser(parents=[pwd.get_args_parser()]), TINY + flags, capsys)
+    assert result.stderr.startswith(f"error: {message}")
+    assert_one_line_error(result, message)
 
 
 def test_missing_monitor_data_stops_before_training(data, tmp_path):

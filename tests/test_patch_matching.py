@@ -211,7 +211,7 @@ def test_match_all_pairs_order_and_content():
 
 
 def test_sizes_not_multiple_of_patch_size():
-    with pytest.raises(ValueError, match="multiple"):
+    with pytest.raises(ValueError, match=r"^crop sizes \[96, 100\] must be multiples of the patch size 16$"):
         patch_matching.match_patches(CropGeometry(0, 0, 50, 50, 100, False), CropGeometry(0, 0, 50, 50, 96, False), 16)
 
 

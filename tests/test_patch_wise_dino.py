@@ -1,15 +1,16 @@
 """Patch-Wise DINO loss and training step, held against independent computations.
 
 - With [CLS]-only matches the loss, the updated center and the weights after one optimiser step equal a
-  plain re-implementation of DINO's training step (several batch sizes, crop counts, temperatures).
-- With patch matches the loss and its gradient equal a direct per-image, per-pair loop.
+  plain re-implementation of DINO's training step (several batch sizes, crop counts, temperatures, the
+  teacher-temperature warm-up).
+- With patch matches the loss and its gradient, chunked or not, equal a direct per-image, per-pair loop and
+  the code's own reference_loss.
 - Matched tokens move the loss; unmatched tokens and padding do not.
+- The learning-rate schedule is DINO's cosine with linear warm-up.
 """
 import argparse
 import copy
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -21,9 +22,8 @@ import patch_wise_dino as pwd
 import transforms
 import utils
 import vision_transformer as vits
+from eval_testdata import REPO, run_script
 from vision_transformer import DINOHead, VisionTransformer
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 STUDENT_TEMP = 0.1
 
@@ -117,8 +117,12 @@ def make_loss(K, T, teacher_temp, center, chunk_elements=None, warmup_temp=None,
 # ----------------------------------------------------------------------------------------------------
 # Loss
 # ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("B,n_local,teacher_temp,K", [(1, 0, 0.04, 32), (3, 2, 0.07, 64), (5, 6, 0.04, 17)])
-def test_cls_only_loss_center_and_gradient_equal_dino(B, n_local, teacher_temp, K):
+@pytest.mark.parametrize("B,n_local,teacher_temp,K,warmup", [
+    (1, 0, 0.04, 32, None), (3, 2, 0.07, 64, None), (5, 6, 0.04, 17, None),
+    (2, 1, 0.04, 16, (0.07, 3, 0.055)),  # warm-up from 0.07 over 3 epochs: epoch 1 is linspace(.07, .04, 3)[1]
+])
+def test_cls_only_loss_center_and_gradient_equal_dino(B, n_local, teacher_temp, K, warmup):
+    """``warmup``: (the teacher temperature at epoch 0, the warm-up epochs, the temperature at epoch 1)."""
     torch.manual_seed(B)
     V = 2 + n_local
     student_views = [torch.randn(B, K, dtype=torch.float64).float() * 3 for _ in range(V)]
@@ -129,13 +133,14 @@ def test_cls_only_loss_center_and_gradient_equal_dino(B, n_local, teacher_temp, 
     assert torch.equal(plan.student_rows, torch.arange(V * B))  # [CLS] of every view, view by view
 
     leaves = [s.clone().requires_grad_() for s in student_views]
-    loss_fn = make_loss(K, 1, teacher_temp, center)
+    warmup_temp, warmup_epochs, temp_now = warmup or (None, 0, teacher_temp)
+    loss_fn = make_loss(K, 1, teacher_temp, center, warmup_temp=warmup_temp, warmup_epochs=warmup_epochs)
     loss, stats = loss_fn(gather_student([s[:, None] for s in leaves], plan),
-                          torch.cat(teacher_views)[:, None], plan, epoch=3)
+                          torch.cat(teacher_views)[:, None], plan, epoch=1 if warmup else 3)
     loss.backward()
 
     ref_leaves = [s.clone().requires_grad_() for s in student_views]
-    ref = dino_reference_loss(ref_leaves, teacher_views, center[0], teacher_temp)
+    ref = dino_reference_loss(ref_leaves, teacher_views, center[0], temp_now)
     ref.backward()
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(stats["loss_cls"], ref.detach(), rtol=1e-5, atol=1e-5)
@@ -144,20 +149,6 @@ def test_cls_only_loss_center_and_gradient_equal_dino(B, n_local, teacher_temp, 
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-7)
     want_center = 0.9 * center[0] + 0.1 * torch.cat(teacher_views).mean(0, keepdim=True)  # (1, K)
     torch.testing.assert_close(loss_fn.center, want_center[None], rtol=1e-6, atol=1e-6)
-
-
-def test_teacher_temperature_warmup_schedule():
-    torch.manual_seed(0)
-    K, B = 16, 2
-    student_views = [torch.randn(B, K) for _ in range(3)]
-    teacher_views = [torch.randn(B, K) * 0.1 for _ in range(2)]
-    batch = pwd.collate_multicrop([([torch.zeros(3, 4, 4)] * 3, patch_matching.cls_only_matches(3))] * B)
-    plan = pwd.make_loss_plan(*batch[1:], view_tokens=[1] * 3, teacher_tokens=1)
-    loss_fn = make_loss(K, 1, 0.04, torch.zeros(1, 1, K), warmup_temp=0.07, warmup_epochs=3)
-    loss, _ = loss_fn(gather_student([s[:, None] for s in student_views], plan),
-                      torch.cat(teacher_views)[:, None], plan, epoch=1)
-    ref = dino_reference_loss(student_views, teacher_views, torch.zeros(1, K), 0.055)  # linspace(.07, .04, 3)[1]
-    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_loss_under_mixed_precision_is_computed_in_float32():
@@ -182,9 +173,11 @@ def test_loss_under_mixed_precision_is_computed_in_float32():
     torch.testing.assert_close(grad16, grad32, rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.parametrize("chunk_elements", [None, 40])
+@pytest.mark.parametrize("chunk_elements", [None, 24, 40])
 @pytest.mark.parametrize("B,n_local,seed", [(1, 1, 0), (3, 2, 1), (4, 0, 2)])
 def test_patch_loss_equals_per_image_per_pair_loop(B, n_local, seed, chunk_elements):
+    """PatchWiseDINOLoss (chunked or not, its gradient computed in the same pass) equals the definition written
+    as loops, and the code's own reference_loss (autograd through the plain formula)."""
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     K, grids = 8, [3, 3] + [2] * n_local  # global views 3x3 patches, local views 2x2
@@ -210,6 +203,12 @@ def test_patch_loss_equals_per_image_per_pair_loop(B, n_local, seed, chunk_eleme
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
     for got, want in zip(leaves, ref_leaves):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-6)
+    rows = gather_student(student_views, plan).requires_grad_()  # (S, K)
+    code_ref = pwd.reference_loss(rows, teacher, plan, center, 0.06)
+    (code_ref_grad,) = torch.autograd.grad(code_ref, rows)
+    torch.testing.assert_close(loss.detach(), code_ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gather_student([leaf.grad for leaf in leaves], plan), code_ref_grad,
+                               rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(loss_fn.center, 0.9 * center + 0.1 * teacher.mean(0, keepdim=True))
     assert set(stats) == {"loss_cls", "loss_patch", "teacher_entropy_cls", "teacher_entropy_patch", "kl_cls",
                           "kl_patch"}
@@ -313,9 +312,7 @@ def test_two_processes_equal_one_process_with_the_whole_batch(tmp_path):
     assert sum(counts[:2]) != sum(counts[2:])  # the halves differ: a per-process mean over entries would differ
     script = tmp_path / "two_process_loss.py"
     script.write_text(TWO_PROCESS_LOSS_SCRIPT.format(repo=REPO, tests=os.path.join(REPO, "tests")))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_script(str(script), [], nproc=2, timeout=300, threads=1)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("same as one process") == 2
 
@@ -367,7 +364,8 @@ def test_fewer_than_two_views_is_a_value_error():
     batch = pwd.collate_multicrop([([torch.zeros(3, 4, 4)] * 2, patch_matching.cls_only_matches(2))])
     with pytest.raises(ValueError, match="at least 2 views"):
         pwd.make_loss_plan(*batch[1:], view_tokens=[1], teacher_tokens=1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^inconsistent matches: pairs \(0, 2\), indices \(0, 1, 1\), \(0, 1, 1\), "
+                                         r"mask \(0, 1, 1\)$"):
         pwd.make_loss_plan(batch.pairs[:0], batch.teacher_idx[:0], batch.student_idx[:0], batch.mask[:0],
                            view_tokens=[1, 1], teacher_tokens=1)
 
@@ -375,7 +373,7 @@ def test_fewer_than_two_views_is_a_value_error():
 def test_out_of_range_matches_are_refused():
     batch = pwd.collate_multicrop([([torch.zeros(3, 4, 4)] * 2, [(0, 1, np.array([0, 5]), np.array([0, 1])),
                                                                  (1, 0, np.array([0]), np.array([0]))])])
-    with pytest.raises(ValueError, match="tokens"):
+    with pytest.raises(ValueError, match="^matches refer to views or tokens that the crops do not have$"):
         pwd.make_loss_plan(*batch[1:], view_tokens=[5, 5], teacher_tokens=5)
 
 
@@ -487,18 +485,6 @@ def test_patch_training_step_reaches_every_parameter():
     assert loss_fn.center.abs().sum() > 0
 
 
-def test_lars_step_matches_formula():
-    torch.manual_seed(0)
-    w, b = torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(3))
-    w.grad, b.grad = torch.randn(3, 4), torch.randn(3)
-    w0, b0, gw, gb = w.detach().clone(), b.detach().clone(), w.grad.clone(), b.grad.clone()
-    utils.LARS([{"params": [w, b]}], lr=0.5, weight_decay=0.1, momentum=0.9, eta=0.01).step()
-    update = gw + 0.1 * w0
-    update = update * 0.01 * w0.norm() / update.norm()
-    torch.testing.assert_close(w.detach(), w0 - 0.5 * update)
-    torch.testing.assert_close(b.detach(), b0 - 0.5 * gb)  # 1-D: no decay, no trust ratio
-
-
 def test_bfloat16_autocast_step_is_close_to_float32():
     """The half-precision path (bf16 head outputs into the loss, gradient cast back) on the CPU."""
     torch.manual_seed(4)
@@ -546,21 +532,14 @@ def test_defaults_are_the_authors_recipe():
     assert {name: getattr(args, name) for name in {**authors, **dino}} == {**authors, **dino}
 
 
-@pytest.mark.parametrize("chunk_elements", [None, 24])
-def test_chunked_loss_equals_the_reference_definition(chunk_elements):
-    """PatchWiseDINOLoss (chunked, gradient in the same pass) equals reference_loss and its autograd gradient."""
-    rng = np.random.default_rng(9)
-    torch.manual_seed(9)
-    B, K, grids = 3, 12, [3, 3, 2, 2]
-    view_tokens, T = [1 + g * g for g in grids], 10
-    batch = pwd.collate_multicrop([([torch.zeros(3, 4, 4)] * 4, m) for m in random_matches(rng, 4, grids, B)])
-    plan = pwd.make_loss_plan(*batch[1:], view_tokens=view_tokens, teacher_tokens=T)
-    student = (torch.randn(len(plan.student_rows), K) * 2).requires_grad_()
-    teacher, center = torch.randn(2 * B, T, K) * 0.3, torch.randn(1, T, K) * 0.05
-    loss, _ = make_loss(K, T, 0.05, center, chunk_elements=chunk_elements)(student, teacher, plan, epoch=0)
-    (grad,) = torch.autograd.grad(loss, student)
-    leaf = student.detach().clone().requires_grad_()
-    ref = pwd.reference_loss(leaf, teacher, plan, center, 0.05)
-    (ref_grad,) = torch.autograd.grad(ref, leaf)
-    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-7)
+# ----------------------------------------------------------------------------------------------------
+# Schedules
+# ----------------------------------------------------------------------------------------------------
+def test_cosine_scheduler_warmup_and_ends():
+    s = pwd.cosine_scheduler(1.0, 0.1, epochs=3, niter_per_ep=4, warmup_epochs=1, start_warmup_value=0.0)
+    assert len(s) == 12
+    np.testing.assert_allclose(s[:4], [0, 1 / 3, 2 / 3, 1])  # DINO: the warm-up's last step is the peak
+    assert s[4] == pytest.approx(1.0)
+    # Half cosine over the 8 remaining steps: value at step j is 0.1 + 0.45 * (1 + cos(pi j / 8)).
+    np.testing.assert_allclose(s[4:], 0.1 + 0.45 * (1 + np.cos(np.pi * np.arange(8) / 8)))
+    assert np.all(np.diff(s[4:]) < 0)

@@ -4,7 +4,6 @@ restart after SIGKILL under torchrun, corrupt and unsafe checkpoints, bad images
 Tiny settings (vit_tiny, patch 8, 32/16 px crops, 6 generated images, batch 2: 3 iterations per epoch).
 """
 import argparse
-import builtins
 import json
 import os
 import pathlib
@@ -17,43 +16,19 @@ import time
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-import datasets
 import patch_matching
 import patch_wise_dino as pwd
 import run_control
 import utils
-from test_train_end_to_end import REPO, read_log, write_images
+from eval_testdata import (REPO, TINY_TRAINING, assert_one_line_error, assert_same_training, clean_env, read_log,
+                           fake_gpus, run_cli_here, run_script, torchrun, train, write_awkward_images,
+                           write_images)
 
-TINY = ["--arch", "vit_tiny", "--patch_size", "8", "--global_size", "32", "--local_size", "16", "--resize", "48",
-        "--out_dim", "64", "--batch_size_per_gpu", "2", "--local_crops_number", "2", "--num_workers", "0",
-        "--use_fp16", "false", "--warmup_epochs", "1", "--print_freq", "1", "--lr", "0.005", "--seed", "3"]
-SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One CPU thread here as in the subprocesses: results are bit-identical only for the same thread count
-    (and fast on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def parse(argv):
-    return argparse.ArgumentParser(parents=[pwd.get_args_parser()]).parse_args(argv)
-
-
-def run(argv):
-    saved_print = builtins.print
-    try:
-        return pwd.main(parse(argv))
-    finally:
-        if utils.is_dist_avail_and_initialized():
-            torch.distributed.destroy_process_group()
-        builtins.print = saved_print
+TINY = [*TINY_TRAINING, "--seed", "3"]
+# One CPU thread here as in the subprocesses (OMP_NUM_THREADS=1): results are bit-identical only for the same
+# thread count (and fast on a loaded machine).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -62,19 +37,9 @@ def straight(tmp_path_factory):
     root = tmp_path_factory.mktemp("straight")
     write_images(root / "data", 6)
     argv = TINY + ["--data_path", str(root / "data"), "--epochs", "2"]
-    run(argv + ["--output_dir", str(root / "out")])
+    assert torch.get_num_threads() == 1  # as in the runs it is compared with
+    train(argv + ["--output_dir", str(root / "out")])
     return argv, root / "out"
-
-
-def assert_same_training(out_a, out_b):
-    a = utils.load_checkpoint(os.path.join(out_a, "checkpoint.pth"))
-    b = utils.load_checkpoint(os.path.join(out_b, "checkpoint.pth"))
-    assert (a["epoch"], a["iteration"]) == (b["epoch"], b["iteration"])
-    for part in ("teacher", "student", "dino_loss"):
-        for key, value in a[part].items():
-            assert torch.equal(value, b[part][key]), f"{part} {key}"
-    assert [(line["epoch"], line["train_loss"]) for line in read_log(out_a)] == \
-           [(line["epoch"], line["train_loss"]) for line in read_log(out_b)]
 
 
 SIGNAL_SCRIPT = """
@@ -101,7 +66,8 @@ def test_sigterm_mid_epoch_checkpoints_exits_0_and_resumes_exactly(tmp_path, str
     script = tmp_path / "train_then_sigterm.py"
     script.write_text(SIGNAL_SCRIPT.format(repo=REPO, at_step=2))
     proc = subprocess.run([sys.executable, str(script), *argv, "--num_workers", "1", "--output_dir", str(out)],
-                          capture_output=True, text=True, timeout=300, env=SUBPROCESS_ENV, start_new_session=True)
+                          capture_output=True, text=True, timeout=300, env=clean_env(threads=1),
+                          start_new_session=True)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert f"Stopped by SIGTERM after epoch 0, iteration 2 of 3: checkpoint saved to {out}/checkpoint.pth " \
            f"(epoch 0, iteration 2)" in proc.stdout
@@ -112,7 +78,7 @@ def test_sigterm_mid_epoch_checkpoints_exits_0_and_resumes_exactly(tmp_path, str
     decoded = []
     real_getitem = pwd.MultiCropDataset.__getitem__
     monkeypatch.setattr(pwd.MultiCropDataset, "__getitem__", lambda self, i: decoded.append(i) or real_getitem(self, i))
-    run(argv + ["--output_dir", str(out)])  # without data workers: the crops do not depend on them
+    train(argv + ["--output_dir", str(out)])  # without data workers: the crops do not depend on them
     assert len(decoded) == 2 + 6  # the rest of epoch 0, then epoch 1: the 4 images already done are not decoded
     assert_same_training(straight_out, out)
 
@@ -124,7 +90,7 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path, straight, c
     assert utils.load_checkpoint(str(out / "checkpoint.prev.pth"))["epoch"] == 1  # kept when epoch 1 ended
     data = (out / "checkpoint.pth").read_bytes()
     (out / "checkpoint.pth").write_bytes(data[:len(data) // 2])  # truncated
-    run(argv + ["--output_dir", str(out)])
+    train(argv + ["--output_dir", str(out)])
     err = capsys.readouterr().err
     assert f"WARNING: {out}/checkpoint.pth is not a readable checkpoint (truncated, corrupt" in err
     assert f"resuming from the previous checkpoint {out}/checkpoint.prev.pth" in err
@@ -136,23 +102,22 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path, straight, c
     with pytest.raises(utils.UserError, match=f"cannot continue the run in {out}: .*checkpoint.pth is not a readable "
                                               f"checkpoint.*checkpoint.prev.pth is not a readable checkpoint.*; to "
                                               f"start a new run, move these files out of {out}"):
-        run(argv + ["--output_dir", str(out)])
+        train(argv + ["--output_dir", str(out)])
     assert len(read_log(out)) == 2  # nothing trained
 
 
-def test_checkpoint_that_would_run_code_is_refused(tmp_path, fresh_process_group, runs_code):
+def test_checkpoint_that_would_run_code_is_refused(tmp_path, runs_code):
     out = tmp_path / "out"
     out.mkdir()
     torch.save({"student": {}, "teacher": {}, "optimizer": runs_code(tmp_path / "pwned"), "epoch": 1},
                out / "checkpoint.pth")
     write_images(tmp_path / "data", 2)
     with pytest.raises(utils.UserError, match="refused to load .*checkpoint.pth: it contains objects other than"):
-        pwd.main(parse(TINY + ["--data_path", str(tmp_path / "data"), "--output_dir", str(out)]))
+        train(TINY + ["--data_path", str(tmp_path / "data"), "--output_dir", str(out)])
     assert not (tmp_path / "pwned").exists()
 
 
-def test_an_intact_but_refused_checkpoint_stops_the_run_instead_of_falling_back(tmp_path, straight,
-                                                                              fresh_process_group):
+def test_an_intact_but_refused_checkpoint_stops_the_run_instead_of_falling_back(tmp_path, straight):
     """Falling back to checkpoint.prev.pth would silently lose an epoch and call an intact file corrupt."""
     argv, straight_out = straight
     out = tmp_path / "out"
@@ -162,16 +127,16 @@ def test_an_intact_but_refused_checkpoint_stops_the_run_instead_of_falling_back(
     checkpoint["args"].output_dir = pathlib.PurePosixPath(out)  # an object weights_only loading refuses
     torch.save(checkpoint, out / "checkpoint.pth")
     with pytest.raises(utils.CheckpointRefused, match="refused to load .*checkpoint.pth: it contains pathlib"):
-        pwd.main(parse(argv + ["--output_dir", str(out), "--epochs", "3"]))
+        train(argv + ["--output_dir", str(out), "--epochs", "3"])
     assert sorted(os.listdir(out)) == ["checkpoint.prev.pth", "checkpoint.pth"]
 
 
-def test_resuming_another_model_is_refused_naming_the_difference(tmp_path, straight, fresh_process_group):
+def test_resuming_another_model_is_refused_naming_the_difference(tmp_path, straight):
     argv, straight_out = straight
     out = tmp_path / "out"
     shutil.copytree(straight_out, out)
     with pytest.raises(utils.UserError) as error:
-        pwd.main(parse(argv + ["--output_dir", str(out), "--arch", "vit_small", "--out_dim", "128", "--epochs", "3"]))
+        train(argv + ["--output_dir", str(out), "--arch", "vit_small", "--out_dim", "128", "--epochs", "3"])
     assert str(error.value) == (f"{out}/checkpoint.pth was trained with --arch vit_tiny (this run: vit_small), "
                                 f"--out_dim 64 (this run: 128): pass the same settings to continue that run, or "
                                 f"another --output_dir for a new one")
@@ -201,11 +166,11 @@ def rank_of(pid):
 def test_elastic_restart_after_a_worker_is_killed(tmp_path):
     write_images(tmp_path / "data", 8)
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "--max-restarts=1", os.path.join(REPO, "patch_wise_dino.py"), *TINY, "--epochs", "3",
-                             "--saveckp_iters", "1", "--data_path", str(tmp_path / "data"), "--output_dir", str(out)],
+    proc = subprocess.Popen(torchrun(2, "--max-restarts=1") + [
+                                os.path.join(REPO, "patch_wise_dino.py"), *TINY, "--epochs", "3", "--saveckp_iters",
+                                "1", "--data_path", str(tmp_path / "data"), "--output_dir", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**SUBPROCESS_ENV, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+                            env={**clean_env(threads=1), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
     try:
         deadline = time.time() + 240
         while not (out / "checkpoint.pth").exists():  # written after the first iteration
@@ -224,44 +189,12 @@ def test_elastic_restart_after_a_worker_is_killed(tmp_path):
     assert utils.load_checkpoint(str(out / "checkpoint.pth"))["epoch"] == 3
 
 
-def write_awkward_images(folder):
-    """A truncated JPEG (the one bad file), CMYK JPEG, palette PNG with transparency, grayscale, 2 RGB."""
-    write_images(folder, 2)
-    rgb = Image.open(folder / "img0.png")
-    rgb.save(folder / "truncated.jpg", quality=90)
-    data = (folder / "truncated.jpg").read_bytes()
-    (folder / "truncated.jpg").write_bytes(data[:len(data) // 3])
-    rgb.convert("CMYK").save(folder / "cmyk.jpg", quality=95)
-    palette = rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
-    palette.save(folder / "palette.png", transparency=0)
-    rgb.convert("L").save(folder / "gray.png")
-    return rgb
-
-
-def test_image_modes_are_converted_and_bad_images_named(tmp_path, monkeypatch):
-    rgb = write_awkward_images(tmp_path)
-    reference = np.asarray(rgb, dtype=np.float64)
-    for name, tolerance in (("cmyk.jpg", 8.0), ("palette.png", 20.0)):
-        image = datasets.open_image(str(tmp_path / name))
-        assert image.mode == "RGB" and np.abs(np.asarray(image) - reference).mean() < tolerance, name
-    gray = np.asarray(datasets.open_image(str(tmp_path / "gray.png")))
-    assert gray.shape == reference.shape and (gray == gray[..., :1]).all()
-    deep = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 16-bit grayscale: scaled, not clipped
-    Image.fromarray(deep).save(tmp_path / "deep.png")
-    np.testing.assert_allclose(np.asarray(datasets.open_image(str(tmp_path / "deep.png")))[..., 0], deep / 257, atol=0.5)
-    with pytest.raises(utils.UserError, match=f"cannot decode image {tmp_path}/truncated.jpg: "):
-        datasets.open_image(str(tmp_path / "truncated.jpg"))
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a decompression bomb: over twice the limit
-    with pytest.raises(utils.UserError, match=f"cannot decode image {tmp_path}/gray.png: .*decompression bomb"):
-        datasets.open_image(str(tmp_path / "gray.png"))
-
-
 def test_bad_image_stops_training_by_default_and_is_skipped_on_request(tmp_path, capfd):
     write_awkward_images(tmp_path / "data")
     argv = TINY + ["--data_path", str(tmp_path / "data"), "--epochs", "1", "--output_dir", str(tmp_path / "out")]
-    with pytest.raises(utils.UserError, match=f"cannot decode image {tmp_path}/data/truncated.jpg"):
-        run(argv)
-    run(argv + ["--skip_bad_images", "true"])
+    with pytest.raises(utils.UserError, match=f"cannot decode image {tmp_path}/data/truncated.jpg: "):
+        train(argv)
+    train(argv + ["--skip_bad_images", "true"])
     (line,) = read_log(tmp_path / "out")
     assert line["bad_images"] == 1 and np.isfinite(line["train_loss"])
     captured = capfd.readouterr()
@@ -292,120 +225,53 @@ def test_resumable_sampler_continues_the_distributed_order():
     assert len(set(seeds.values())) == 11 and seeds[4] == run_control.item_seed(5, 0, 4)
 
 
-def test_atomic_save_keeps_the_previous_file(tmp_path, monkeypatch):
-    path, previous = str(tmp_path / "checkpoint.pth"), str(tmp_path / "checkpoint.prev.pth")
-    utils.atomic_save({"epoch": 1}, path, previous=previous)
-    assert not os.path.exists(previous)
-    utils.atomic_save({"epoch": 2}, path, previous=previous)
-    assert utils.load_checkpoint(previous)["epoch"] == 1 and utils.load_checkpoint(path)["epoch"] == 2
-
-    def no_hard_links(src, dst):
-        raise OSError("hard links not supported")
-
-    monkeypatch.setattr(os, "link", no_hard_links)
-    utils.atomic_save({"epoch": 3}, path, previous=previous)
-    assert utils.load_checkpoint(previous)["epoch"] == 2 and utils.load_checkpoint(path)["epoch"] == 3
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint.prev.pth", "checkpoint.pth"]
+def bad_input(name, extra, needle, visible_gpus=None):
+    return pytest.param(extra, needle, visible_gpus, id=name)
 
 
-def fake_gpus(monkeypatch, count):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
-    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1")):
-        monkeypatch.setenv(name, value)
-
-
-@pytest.mark.parametrize("case,needle", [
-    ("missing_data", "--data_path {tmp}/missing does not exist"),
-    ("empty_data", "no images found in --data_path {tmp}/empty"),
-    ("unwritable_output", "--output_dir {tmp}/a_file/out is not a writable folder"),
-    ("crop_not_multiple", "--global_size 36 is not a positive multiple of --patch_size 8"),
-    ("more_gpus_than_exist", "process with local rank 1 needs a GPU but only 1 are visible: lower --nproc_per_node"),
-    ("batch_larger_than_data", "has 3 images, fewer than one batch of 4 (1 processes x 4): lower --batch_size_per_gpu"),
-    ("negative_saveckp_iters", "argument --saveckp_iters: must be >= 0, got -1"),
-    ("zero_teacher_temp", "argument --teacher_temp: must be positive (DINO: 0.04 to 0.07), got 0.0"),
-    ("momentum_above_one", "argument --momentum_teacher: must be in [0, 1], got 1.5"),
-    ("unknown_arch", "argument --arch: invalid choice: 'vit_huge'"),
+@pytest.mark.parametrize("extra, needle, visible_gpus", [  # {tmp}: the test's folder, with data/, empty/, a_file
+    bad_input("missing_data", ["--data_path", "{tmp}/missing"], "--data_path {tmp}/missing does not exist"),
+    bad_input("empty_data", ["--data_path", "{tmp}/empty"], "no images found in --data_path {tmp}/empty"),
+    bad_input("unwritable_output", ["--output_dir", "{tmp}/a_file/out"],
+              "--output_dir {tmp}/a_file/out is not a writable folder"),
+    bad_input("global_crop_not_multiple", ["--global_size", "36"],
+              "--global_size 36 is not a positive multiple of --patch_size 8"),
+    bad_input("local_crop_not_multiple", ["--local_size", "20"],
+              "--local_size 20 is not a positive multiple of --patch_size 8"),
+    bad_input("more_gpus_than_exist", [], "process with local rank 1 needs a GPU but only 1 are visible: lower "
+                                          "--nproc_per_node", visible_gpus=1),
+    bad_input("batch_larger_than_data", ["--batch_size_per_gpu", "4"],
+              "has 3 images, fewer than one batch of 4 (1 processes x 4): lower --batch_size_per_gpu"),
+    bad_input("negative_saveckp_iters", ["--saveckp_iters", "-1"], "argument --saveckp_iters: must be >= 0, got -1"),
+    bad_input("zero_teacher_temp", ["--teacher_temp", "0"],
+              "argument --teacher_temp: must be positive (DINO: 0.04 to 0.07), got 0.0"),
+    bad_input("momentum_above_one", ["--momentum_teacher", "1.5"], "argument --momentum_teacher: must be in [0, 1], "
+                                                                   "got 1.5"),
+    bad_input("unknown_arch", ["--arch", "vit_huge"], "argument --arch: invalid choice: 'vit_huge'"),
 ])
-def test_bad_arguments_are_one_line_errors(tmp_path, monkeypatch, capsys, case, needle):
+def test_bad_settings_are_one_line_errors(tmp_path, monkeypatch, capsys, extra, needle, visible_gpus):
+    """Bad flags, data or hardware stop patch_wise_dino.py before training with one line that names what to fix
+    (argparse checks single flags, main the rest)."""
     write_images(tmp_path / "data", 3)
     (tmp_path / "empty").mkdir()
     (tmp_path / "a_file").write_text("x")
-    extra = {"missing_data": ["--data_path", str(tmp_path / "missing")],
-             "empty_data": ["--data_path", str(tmp_path / "empty")],
-             "unwritable_output": ["--output_dir", str(tmp_path / "a_file" / "out")],
-             "crop_not_multiple": ["--global_size", "36"],
-             "more_gpus_than_exist": [],
-             "batch_larger_than_data": ["--batch_size_per_gpu", "4"],
-             "negative_saveckp_iters": ["--saveckp_iters", "-1"],
-             "zero_teacher_temp": ["--teacher_temp", "0"],
-             "momentum_above_one": ["--momentum_teacher", "1.5"],
-             "unknown_arch": ["--arch", "vit_huge"]}[case]
-    if case == "more_gpus_than_exist":
-        fake_gpus(monkeypatch, 1)
-    argv = TINY + ["--data_path", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out"), *extra]
-    saved_print = builtins.print
-    try:
-        with pytest.raises(SystemExit) as exit_info:  # argparse checks single flags, main the rest
-            utils.run_cli(pwd.main, utils.ArgumentParser(parents=[pwd.get_args_parser()]).parse_args(argv))
-    finally:
-        builtins.print = saved_print
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
-    assert needle.format(tmp=tmp_path) in err, err
+    if visible_gpus is not None:
+        fake_gpus(monkeypatch, visible_gpus)
+    argv = TINY + ["--data_path", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out"),
+                   *[flag.format(tmp=tmp_path) for flag in extra]]
+    result = run_cli_here(pwd.main, utils.ArgumentParser(parents=[pwd.get_args_parser()]), argv, capsys)
+    assert_one_line_error(result, needle.format(tmp=tmp_path))
+    assert not (tmp_path / "out" / "log.txt").exists()
 
 
-def test_evaluation_datasets_name_an_undecodable_image(tmp_path, capsys):
-    for split in ("train", "val"):
-        write_images(tmp_path / split / "class_a", 2)
-    (tmp_path / "val" / "class_a" / "zz_broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
-    dataset = datasets.build_eval_dataset(str(tmp_path), "val", transform=None)
-    with pytest.raises(utils.UserError, match=f"cannot decode image {tmp_path}/val/class_a/zz_broken.jpg"):
-        [dataset[i] for i in range(len(dataset))]
-
-    def extract(_args):  # what the k-NN and linear scripts do, with a data worker
-        loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=1, collate_fn=lambda items: items)
-        list(loader)
-
-    with pytest.raises(SystemExit):
-        utils.run_cli(extract, argparse.Namespace())
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith(f"error: cannot decode image {tmp_path}/val/class_a/zz_broken.jpg")
-
-
-def test_each_slurm_task_uses_its_own_gpu_when_it_sees_only_that_one(monkeypatch, fresh_process_group):
-    """srun --gpus-per-task=1 (or --gpu-bind): SLURM_LOCALID goes up to 7 while each task sees one GPU."""
-    fake_gpus(monkeypatch, 1)
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(name)
-    for name, value in (("SLURM_PROCID", "3"), ("SLURM_NTASKS", "4"), ("SLURM_LOCALID", "3"),
-                        ("MASTER_ADDR", "node1")):
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("SLURM_STEP_NUM_TASKS", raising=False)
-    calls = {}
-    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.setdefault("device", device))
-    monkeypatch.setattr(torch.distributed, "init_process_group",
-                        lambda backend, **kw: calls.update(kw, backend=backend))
-    args = argparse.Namespace(dist_url="env://")
-    utils.init_distributed_mode(args)
-    assert calls == {"device": 0, "backend": "nccl", "init_method": "env://", "world_size": 4, "rank": 3}
-    assert (args.rank, args.world_size, args.gpu, str(args.device)) == (3, 4, 0, "cuda:0")
-    # a batch script itself (one process) sees SLURM_NTASKS=4 but its step has one task: no waiting for 3 more
-    monkeypatch.setenv("SLURM_PROCID", "0")
-    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    calls.clear()
-    args = argparse.Namespace(dist_url="env://")
-    utils.init_distributed_mode(args)
-    assert args.world_size == 1 and calls["world_size"] == 1 and "init_method" not in calls  # a one-process group
-    # more tasks on a node than the GPUs all of them see: refused, not two processes sharing a GPU
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
-    with pytest.raises(utils.UserError, match="local rank 3 needs a GPU but only 2 are visible: lower "
-                                              "--ntasks-per-node"):
-        utils.init_distributed_mode(argparse.Namespace(dist_url="env://"))
+def test_the_command_line_reports_a_bad_image_read_by_a_data_worker_in_one_line(tmp_path):
+    """patch_wise_dino.py as a script: an image a data worker cannot decode is one line, not a traceback."""
+    write_images(tmp_path / "data", 1)
+    (tmp_path / "data" / "zz_broken.png").write_bytes(b"\x89PNG garbage")
+    result = run_script("patch_wise_dino.py", [*TINY, "--epochs", "1", "--data_path", str(tmp_path / "data"),
+                                               "--num_workers", "1", "--output_dir", str(tmp_path / "out")],
+                        timeout=300, threads=1)
+    assert_one_line_error(result, f"cannot decode image {tmp_path}/data/zz_broken.png: ")
 
 
 DIFFERENT_STARTS_SCRIPT = """
@@ -426,8 +292,7 @@ def test_ranks_resuming_from_different_points_stop_and_every_rank_says_why(tmp_p
     """Every process reports its error (print is silenced on ranks > 0), prefixed with its rank."""
     script = tmp_path / "different_starts.py"
     script.write_text(DIFFERENT_STARTS_SCRIPT.format(repo=REPO))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script)], capture_output=True, text=True, timeout=300, env=SUBPROCESS_ENV)
+    proc = run_script(str(script), [], nproc=2, timeout=300, threads=1)
     assert proc.returncode != 0
     for rank in (0, 1):
         assert f"error: [rank {rank}] the processes resume from different points (here: epoch {2 * rank}, sample " \
@@ -449,33 +314,6 @@ def test_killed_data_workers_are_a_one_line_error_naming_the_last_checkpoint(mon
     with pytest.raises(RuntimeError, match="size"):
         with run.failures_explained():
             torch.zeros(2) @ torch.zeros(3)
-
-
-def test_interrupted_checkpoint_writes_leave_nothing_behind_after_a_restart(tmp_path):
-    for name in (".checkpoint.pth.tmp1234", ".checkpoint.prev.pth.link99", ".checkpoint0040.pth.tmp7"):
-        (tmp_path / name).write_bytes(b"partial")
-    for name in ("checkpoint.pth", ".write_test", "notes.tmp1", ".other.pth.tmp12"):
-        (tmp_path / name).write_bytes(b"keep")
-    utils.remove_partial_writes(str(tmp_path), "checkpoint")
-    assert sorted(os.listdir(tmp_path)) == [".other.pth.tmp12", ".write_test", "checkpoint.pth", "notes.tmp1"]
-
-
-def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch):
-    path = tmp_path / "checkpoint.pth"
-    utils.atomic_save({"epoch": 1}, str(path))
-
-    def disk_full(obj, f):  # what torch.save does when the write fails: a RuntimeError raised from the OSError
-        try:
-            raise OSError(28, "No space left on device")
-        except OSError:
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
-
-    monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(utils.UserError, match=r"could not write .*checkpoint.pth \(\[Errno 28\] No space left on "
-                                              r"device\): free some space"):
-        utils.atomic_save({"epoch": 2}, str(path))
-    monkeypatch.undo()
-    assert os.listdir(tmp_path) == ["checkpoint.pth"] and utils.load_checkpoint(str(path)) == {"epoch": 1}
 
 
 def test_progress_shows_small_learning_rates():

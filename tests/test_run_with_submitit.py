@@ -14,14 +14,12 @@ import time
 
 import pytest
 import submitit
-import torch
 
 import patch_wise_dino as pwd
 import run_control
 import run_with_submitit as rws
 import utils
-from test_reliability import assert_same_training
-from test_train_end_to_end import REPO, read_log
+from eval_testdata import REPO, assert_one_line_error, assert_same_training, read_log, run_cli_here
 
 SMALL = ["--arch", "vit_tiny", "--patch_size", "16", "--global_size", "32", "--local_size", "16", "--resize", "48",
          "--out_dim", "64", "--batch_size_per_gpu", "2", "--local_crops_number", "2", "--use_fp16", "false",
@@ -29,15 +27,8 @@ SMALL = ["--arch", "vit_tiny", "--patch_size", "16", "--global_size", "32", "--l
 LOCAL = ["--cluster", "local", "--nodes", "1", "--ngpus", "1"]
 STEPS = 6  # 13 sample photos, batch 2
 PREEMPTION = getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread here as in the tasks (OMP_NUM_THREADS=1): bit-identical results need the same thread count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One thread here as in the tasks (OMP_NUM_THREADS=1): bit-identical results need the same thread count.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -252,10 +243,7 @@ def test_each_task_finds_its_place_from_the_slurm_job_environment(monkeypatch):
 def test_bad_launch_arguments_are_one_line_errors(tmp_path, monkeypatch, capsys, extra, needle):
     monkeypatch.setenv("PATH", str(tmp_path))  # no srun
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as exit_info:
-        utils.run_cli(rws.main, utils.ArgumentParser(parents=[rws.get_args_parser()]).parse_args(extra))
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: ") and needle in err, err
+    assert_one_line_error(run_cli_here(rws.main, utils.ArgumentParser(parents=[rws.get_args_parser()]), extra, capsys),
+                          needle)
     assert os.listdir(tmp_path) == []  # nothing created, nothing submitted
 

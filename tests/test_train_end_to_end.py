@@ -1,62 +1,30 @@
-"""patch_wise_dino.py end to end on the CPU: training, checkpoints, resume, data sources, torchrun, bad input.
+"""patch_wise_dino.py end to end on the CPU: training, checkpoints, resume, compiled blocks, CIFAR-10 batches,
+a non-finite loss, torchrun, --max_images (bad settings and hostile input: test_reliability.py).
 
 Tiny settings throughout (vit_tiny/8 at 32 px, out_dim 64, generated images) so the file runs in about a minute.
 """
-import argparse
-import json
 import math
 import os
 import pickle
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-import datasets
 import patch_wise_dino as pwd
 import utils
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--arch", "vit_tiny", "--patch_size", "8", "--global_size", "32", "--local_size", "16", "--resize", "48",
-        "--out_dim", "64", "--batch_size_per_gpu", "2", "--local_crops_number", "2", "--num_workers", "0",
-        "--use_fp16", "false", "--warmup_epochs", "1", "--print_freq", "1", "--lr", "0.005"]
+from eval_testdata import REPO, assert_same_training, read_log, run_script, train, write_images
+from eval_testdata import TINY_TRAINING as TINY
 
 
-def write_images(folder, count, size=80, seed=0):
-    """Smooth colour gradients with a few rectangles: enough structure for crops to differ."""
-    rng = np.random.default_rng(seed)
-    os.makedirs(folder, exist_ok=True)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    for k in range(count):
-        img = np.stack([(np.sin(6 * xx * rng.uniform(0.5, 2) + c) + 1) * 120 * yy ** rng.uniform(0.2, 2)
-                        for c in range(3)], -1)
-        for _ in range(3):
-            y, x = rng.integers(0, size - 20, 2)
-            img[y:y + 20, x:x + 12] = rng.integers(0, 255, 3)
-        Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(os.path.join(folder, f"img{k}.png"))
-
-
-def run(argv):
-    parser = argparse.ArgumentParser(parents=[pwd.get_args_parser()])
-    return pwd.main(parser.parse_args(argv))
-
-
-def read_log(output_dir):
-    with open(os.path.join(output_dir, "log.txt")) as f:
-        return [json.loads(line) for line in f]
-
-
-def test_train_two_epochs_then_resume_for_a_third(tmp_path, fresh_process_group):
+def test_train_two_epochs_then_resume_for_a_third(tmp_path):
     write_images(tmp_path / "data" / "class_a", 3)
     write_images(tmp_path / "data" / "class_b", 3, seed=1)
     out = str(tmp_path / "out")
     argv = TINY + ["--data_path", str(tmp_path / "data"), "--output_dir", out, "--saveckp_freq", "2"]
-    run(argv + ["--epochs", "2", "--num_workers", "1"])
+    train(argv + ["--epochs", "2", "--num_workers", "1"])
     assert len(read_log(out)) == 2
-    run(argv + ["--epochs", "3"])
+    train(argv + ["--epochs", "3"])
 
     log = read_log(out)
     assert [line["epoch"] for line in log] == [0, 1, 2]
@@ -83,10 +51,10 @@ def test_train_two_epochs_then_resume_for_a_third(tmp_path, fresh_process_group)
     torch.testing.assert_close(model.cls_token, ckpt["teacher"]["backbone.cls_token"])
 
 
-def test_resume_gives_the_same_teacher_as_an_uninterrupted_run(tmp_path, fresh_process_group, monkeypatch):
+def test_resume_gives_the_same_teacher_as_an_uninterrupted_run(tmp_path, monkeypatch):
     write_images(tmp_path / "data", 4)
     argv = TINY + ["--data_path", str(tmp_path / "data"), "--epochs", "3", "--seed", "7"]
-    run(argv + ["--output_dir", str(tmp_path / "straight")])
+    train(argv + ["--output_dir", str(tmp_path / "straight")])
 
     real_epoch = pwd.train_one_epoch
 
@@ -97,28 +65,21 @@ def test_resume_gives_the_same_teacher_as_an_uninterrupted_run(tmp_path, fresh_p
 
     monkeypatch.setattr(pwd, "train_one_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        run(argv + ["--output_dir", str(tmp_path / "resumed")])
+        train(argv + ["--output_dir", str(tmp_path / "resumed")])
     assert utils.load_checkpoint(str(tmp_path / "resumed" / "checkpoint.pth"))["epoch"] == 2
     monkeypatch.setattr(pwd, "train_one_epoch", real_epoch)
-    run(argv + ["--output_dir", str(tmp_path / "resumed")])
-
-    straight = utils.load_checkpoint(str(tmp_path / "straight" / "checkpoint.pth"))
-    resumed = utils.load_checkpoint(str(tmp_path / "resumed" / "checkpoint.pth"))
-    for part in ("teacher", "student", "dino_loss"):
-        for key, value in straight[part].items():
-            assert torch.equal(value, resumed[part][key]), f"{part} {key}"
-    assert [line["train_loss"] for line in read_log(tmp_path / "straight")] == \
-           [line["train_loss"] for line in read_log(tmp_path / "resumed")]
+    train(argv + ["--output_dir", str(tmp_path / "resumed")])
+    assert_same_training(tmp_path / "straight", tmp_path / "resumed")
 
 
 @pytest.mark.skipif(not pwd.cpp_compiler_available(), reason="torch.compile on the CPU needs a C++ compiler")
-def test_compile_gives_the_same_losses_and_checkpoint_layout(tmp_path, fresh_process_group):
+def test_compile_gives_the_same_losses_and_checkpoint_layout(tmp_path):
     """--compile true compiles blocks and heads in place: same losses and weights as eager, same state-dict keys."""
     write_images(tmp_path / "data", 4)
     argv = TINY + ["--data_path", str(tmp_path / "data"), "--epochs", "2", "--drop_path_rate", "0"]
-    run(argv + ["--output_dir", str(tmp_path / "eager")])
+    train(argv + ["--output_dir", str(tmp_path / "eager")])
     try:
-        state = run(argv + ["--output_dir", str(tmp_path / "compiled"), "--compile", "true"])
+        state = train(argv + ["--output_dir", str(tmp_path / "compiled"), "--compile", "true"])
         assert all(hasattr(block, "_compiled_call_impl") and block._compiled_call_impl is not None
                    for block in state.teacher.backbone.blocks)
     finally:
@@ -146,10 +107,10 @@ def write_fake_cifar(folder, per_batch=3):
             pickle.dump(batch, f, protocol=2)
 
 
-def test_vanilla_dino_on_cifar_python_batches(tmp_path, fresh_process_group):
+def test_vanilla_dino_on_cifar_python_batches(tmp_path):
     write_fake_cifar(tmp_path / "cifar-10-batches-py")
     out = str(tmp_path / "out")
-    run(["--arch", "vit_tiny", "--patch_size", "8", "--global_size", "32", "--local_size", "16", "--resize", "0",
+    train(["--arch", "vit_tiny", "--patch_size", "8", "--global_size", "32", "--local_size", "16", "--resize", "0",
          "--out_dim", "32", "--batch_size_per_gpu", "4", "--local_crops_number", "2", "--num_workers", "0",
          "--epochs", "1", "--patch_loss", "false", "--data_path", str(tmp_path), "--output_dir", out])
     ckpt = utils.load_checkpoint(os.path.join(out, "checkpoint.pth"))
@@ -158,52 +119,11 @@ def test_vanilla_dino_on_cifar_python_batches(tmp_path, fresh_process_group):
     assert math.isfinite(line["train_loss"]) and "train_loss_patch" not in line
 
 
-def test_image_sources(tmp_path):
-    write_images(tmp_path / "flat", 2)
-    assert isinstance(datasets.build_image_source(str(tmp_path / "flat")), datasets.ImageList)
-    write_images(tmp_path / "classes" / "a", 2)
-    write_images(tmp_path / "classes" / "b", 1)
-    assert len(datasets.build_image_source(str(tmp_path / "classes"))) == 3
-    write_images(tmp_path / "splits" / "train" / "a", 2)
-    write_images(tmp_path / "splits" / "val" / "a", 1)
-    assert len(datasets.build_image_source(str(tmp_path / "splits"))) == 2  # train only, never val
-    image, _ = datasets.build_image_source(datasets.default_data_path())[0]  # the shipped sample photos
-    assert image.mode == "RGB"
-    for bad in (tmp_path / "missing", tmp_path / "empty"):
-        os.makedirs(tmp_path / "empty", exist_ok=True)
-        with pytest.raises(utils.UserError):
-            datasets.build_image_source(str(bad))
-
-
-@pytest.mark.parametrize("extra,message", [
-    (["--global_size", "36"], "--global_size 36 is not a positive multiple of --patch_size 8"),
-    (["--local_size", "20"], "--local_size 20"),
-    (["--data_path", "/nonexistent/images"], "does not exist"),
-    (["--batch_size_per_gpu", "8"], "fewer than one batch"),
-])
-def test_bad_settings_are_user_errors(tmp_path, fresh_process_group, extra, message):
-    write_images(tmp_path / "data", 3)
-    argv = TINY + ["--data_path", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out")] + extra
-    with pytest.raises(utils.UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        run(argv)
-
-
-def test_unwritable_output_and_undecodable_image(tmp_path, fresh_process_group):
-    write_images(tmp_path / "data", 1)
-    (tmp_path / "data" / "broken.jpg").write_bytes(b"not a jpeg at all")
-    (tmp_path / "a_file").write_text("x")
-    argv = TINY + ["--data_path", str(tmp_path / "data"), "--epochs", "1"]
-    with pytest.raises(utils.UserError, match="not a writable folder"):
-        run(argv + ["--output_dir", str(tmp_path / "a_file" / "out")])
-    with pytest.raises(utils.UserError, match="broken.jpg"):
-        run(argv + ["--output_dir", str(tmp_path / "out")])
-
-
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, fresh_process_group, monkeypatch):
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     write_images(tmp_path / "data", 2)
     out = str(tmp_path / "out")
     argv = TINY + ["--data_path", str(tmp_path / "data"), "--output_dir", out]
-    run(argv + ["--epochs", "1"])
+    train(argv + ["--epochs", "1"])
     good = utils.load_checkpoint(os.path.join(out, "checkpoint.pth"))
     loss_forward = pwd.PatchWiseDINOLoss.forward
 
@@ -215,26 +135,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, fres
     with pytest.raises(utils.UserError, match=f"the loss is nan at epoch 1, iteration 0: training stopped; the last "
                                               f"checkpoint is {out}/checkpoint.pth \\(epoch 1, iteration 0\\).*"
                                               f"copy checkpoint.prev.pth over checkpoint.pth"):
-        run(argv + ["--epochs", "2"])
+        train(argv + ["--epochs", "2"])
     kept = utils.load_checkpoint(os.path.join(out, "checkpoint.pth"))
     assert kept["epoch"] == 1 and torch.equal(kept["teacher"]["backbone.pos_embed"],
                                               good["teacher"]["backbone.pos_embed"])
     assert len(read_log(out)) == 1
-
-
-def test_cli_errors_are_one_line_without_traceback(tmp_path):
-    write_images(tmp_path / "data", 1)
-    (tmp_path / "data" / "zz_broken.png").write_bytes(b"\x89PNG garbage")
-    cases = [(["--data_path", str(tmp_path / "nowhere")], "does not exist"),
-             (["--data_path", str(tmp_path / "data"), "--num_workers", "1"], "zz_broken.png")]
-    for extra, needle in cases:
-        proc = subprocess.run([sys.executable, os.path.join(REPO, "patch_wise_dino.py"), *TINY, "--epochs", "1",
-                               "--output_dir", str(tmp_path / "out"), *extra],
-                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
-        assert proc.returncode == 2, proc.stderr
-        assert "Traceback" not in proc.stderr
-        error_lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-        assert len(error_lines) == 1 and needle in error_lines[0], proc.stderr
 
 
 TORCHRUN_SCRIPT = """
@@ -257,10 +162,8 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     script = tmp_path / "train_and_dump.py"
     script.write_text(TORCHRUN_SCRIPT.format(repo=REPO))
     out = tmp_path / "out"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), *TINY, "--epochs", "2", "--data_path", str(tmp_path / "data"),
-                           "--output_dir", str(out)], capture_output=True, text=True, timeout=600, env=env)
+    proc = run_script(str(script), [*TINY, "--epochs", "2", "--data_path", str(tmp_path / "data"), "--output_dir",
+                                    str(out)], nproc=2, timeout=600, threads=1)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
@@ -271,15 +174,15 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     assert "Total batch size 4 (2 processes x 2)" in proc.stdout
 
 
-def test_max_images_trains_on_a_fixed_subset(tmp_path, fresh_process_group, capsys):
+def test_max_images_trains_on_a_fixed_subset(tmp_path, capsys):
     """--max_images 4 of 6 images: 2 steps per epoch of batch 2, the same 4 images whatever --seed is."""
     write_images(tmp_path / "data", 6)
     argv = TINY + ["--data_path", str(tmp_path / "data"), "--epochs", "1", "--max_images", "4"]
-    run(argv + ["--output_dir", str(tmp_path / "a")])
+    train(argv + ["--output_dir", str(tmp_path / "a")])
     out = capsys.readouterr().out
     assert "subset of 4 of the 6 images" in out and "2 steps/epoch" in out, out
     first = pwd.subset_indices(6, 4, (pwd.TRAIN_SUBSET_SEED,))
     assert len(first) == 4 and first == sorted(set(first)) and first == pwd.subset_indices(6, 4, (0,))
     assert pwd.subset_indices(6, 0, (0,)) is None and pwd.subset_indices(6, 6, (0,)) is None
-    run(argv + ["--output_dir", str(tmp_path / "b"), "--seed", "3", "--max_images", "6"])
+    train(argv + ["--output_dir", str(tmp_path / "b"), "--seed", "3", "--max_images", "6"])
     assert "6 images from" in capsys.readouterr().out  # as many as there are: all of them

@@ -110,7 +110,7 @@ def test_inputs_and_reproducibility(photos):
     gray = np.asarray(photos[0].convert("L"))
     assert transforms.to_rgb_array(gray).shape == (48, 64, 3)
     assert transforms.to_rgb_array(photos[0].convert("L")).shape == (48, 64, 3)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^expected a PIL image or a uint8 numpy array \(H, W\) or \(H, W, 3\)$"):
         aug(np.zeros((10, 10, 3), dtype=np.float32))
     torch.manual_seed(5)
     first = aug(photos[0])

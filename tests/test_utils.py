@@ -1,8 +1,11 @@
-"""Shared helpers: untrusted-file loading, DINO checkpoint layouts, schedules, clipping, datasets."""
+"""utils.py, the helpers the scripts share: command-line types and one-line errors, the optimiser helpers
+(LARS, per-parameter clipping, parameter groups), distributed set-up under SLURM, atomic checkpoint writes,
+untrusted-file loading, DINO checkpoint layouts and model arguments, and the Holidays/revisited average precision."""
 import argparse
 import os
 import pathlib
 import pickle
+import re
 import subprocess
 import sys
 
@@ -10,37 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-import datasets
-import patch_wise_dino
 import utils
 import vision_transformer as vits
-from eval_testdata import write_dino_checkpoint
-from vision_transformer import DINOHead
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _training_layout_checkpoint(backbone, head):
-    teacher = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
-    teacher.update({f"head.{k}": v for k, v in head.state_dict().items()})
-    student = {f"module.{k}": v.clone() for k, v in teacher.items()}
-    return {"student": student, "teacher": teacher, "optimizer": {}, "epoch": 3,
-            "args": argparse.Namespace(arch="vit_tiny", patch_size=16), "dino_loss": {"center": torch.zeros(1, 5, 8)}}
-
-
-def test_cosine_scheduler_warmup_and_ends():
-    s = patch_wise_dino.cosine_scheduler(1.0, 0.1, epochs=3, niter_per_ep=4, warmup_epochs=1, start_warmup_value=0.0)
-    assert len(s) == 12
-    np.testing.assert_allclose(s[:4], [0, 1 / 3, 2 / 3, 1])  # DINO: the warm-up's last step is the peak
-    assert s[4] == pytest.approx(1.0)
-    # Half cosine over the 8 remaining steps: value at step j is 0.1 + 0.45 * (1 + cos(pi j / 8)).
-    np.testing.assert_allclose(s[4:], 0.1 + 0.45 * (1 + np.cos(np.pi * np.arange(8) / 8)))
-    assert np.all(np.diff(s[4:]) < 0)
+from eval_testdata import REPO, fake_gpus, write_dino_checkpoint, write_teacher_student_checkpoint
 
 
 def test_bool_flag():
     assert utils.bool_flag("True") and utils.bool_flag("1") and not utils.bool_flag("off")
-    with pytest.raises(argparse.ArgumentTypeError):
+    with pytest.raises(argparse.ArgumentTypeError, match="^invalid boolean 'maybe': use true or false$"):
         utils.bool_flag("maybe")
 
 
@@ -61,12 +41,95 @@ def test_params_groups_exclude_biases_and_norms():
     assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
 
 
-def test_atomic_save_round_trip_and_no_leftovers(tmp_path):
+def test_lars_step_matches_formula():
+    torch.manual_seed(0)
+    w, b = torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(3))
+    w.grad, b.grad = torch.randn(3, 4), torch.randn(3)
+    w0, b0, gw, gb = w.detach().clone(), b.detach().clone(), w.grad.clone(), b.grad.clone()
+    utils.LARS([{"params": [w, b]}], lr=0.5, weight_decay=0.1, momentum=0.9, eta=0.01).step()
+    update = gw + 0.1 * w0
+    update = update * 0.01 * w0.norm() / update.norm()
+    torch.testing.assert_close(w.detach(), w0 - 0.5 * update)
+    torch.testing.assert_close(b.detach(), b0 - 0.5 * gb)  # 1-D: no decay, no trust ratio
+
+
+def test_each_slurm_task_uses_its_own_gpu_when_it_sees_only_that_one(monkeypatch, fresh_process_group):
+    """srun --gpus-per-task=1 (or --gpu-bind): SLURM_LOCALID goes up to 7 while each task sees one GPU."""
+    fake_gpus(monkeypatch, 1)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name)
+    for name, value in (("SLURM_PROCID", "3"), ("SLURM_NTASKS", "4"), ("SLURM_LOCALID", "3"),
+                        ("MASTER_ADDR", "node1")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("SLURM_STEP_NUM_TASKS", raising=False)
+    calls = {}
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.setdefault("device", device))
+    monkeypatch.setattr(torch.distributed, "init_process_group",
+                        lambda backend, **kw: calls.update(kw, backend=backend))
+    args = argparse.Namespace(dist_url="env://")
+    utils.init_distributed_mode(args)
+    assert calls == {"device": 0, "backend": "nccl", "init_method": "env://", "world_size": 4, "rank": 3}
+    assert (args.rank, args.world_size, args.gpu, str(args.device)) == (3, 4, 0, "cuda:0")
+    # a batch script itself (one process) sees SLURM_NTASKS=4 but its step has one task: no waiting for 3 more
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    calls.clear()
+    args = argparse.Namespace(dist_url="env://")
+    utils.init_distributed_mode(args)
+    assert args.world_size == 1 and calls["world_size"] == 1 and "init_method" not in calls  # a one-process group
+    # more tasks on a node than the GPUs all of them see: refused, not two processes sharing a GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
+    with pytest.raises(utils.UserError, match="local rank 3 needs a GPU but only 2 are visible: lower "
+                                              "--ntasks-per-node"):
+        utils.init_distributed_mode(argparse.Namespace(dist_url="env://"))
+
+
+def test_atomic_save_replaces_the_file_and_keeps_the_previous_one_on_request(tmp_path, monkeypatch):
+    path, previous = str(tmp_path / "checkpoint.pth"), str(tmp_path / "checkpoint.prev.pth")
+    utils.atomic_save({"epoch": 1, "w": torch.ones(2)}, path, previous=previous)
+    assert os.listdir(tmp_path) == ["checkpoint.pth"]  # nothing to keep yet, and no temporary file left
+    utils.atomic_save({"epoch": 2, "w": torch.ones(2)}, path)
+    assert utils.load_checkpoint(path)["epoch"] == 2 and os.listdir(tmp_path) == ["checkpoint.pth"]  # replaced
+    utils.atomic_save({"epoch": 3}, path, previous=previous)
+    assert utils.load_checkpoint(previous)["epoch"] == 2 and utils.load_checkpoint(path)["epoch"] == 3
+
+    def no_hard_links(src, dst):
+        raise OSError("hard links not supported")
+
+    monkeypatch.setattr(os, "link", no_hard_links)
+    utils.atomic_save({"epoch": 4}, path, previous=previous)
+    assert utils.load_checkpoint(previous)["epoch"] == 3 and utils.load_checkpoint(path)["epoch"] == 4
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.prev.pth", "checkpoint.pth"]
+
+
+def test_interrupted_checkpoint_writes_leave_nothing_behind_after_a_restart(tmp_path):
+    for name in (".checkpoint.pth.tmp1234", ".checkpoint.prev.pth.link99", ".checkpoint0040.pth.tmp7"):
+        (tmp_path / name).write_bytes(b"partial")
+    for name in ("checkpoint.pth", ".write_test", "notes.tmp1", ".other.pth.tmp12"):
+        (tmp_path / name).write_bytes(b"keep")
+    utils.remove_partial_writes(str(tmp_path), "checkpoint")
+    assert sorted(os.listdir(tmp_path)) == [".other.pth.tmp12", ".write_test", "checkpoint.pth", "notes.tmp1"]
+
+
+def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pth"
-    utils.atomic_save({"epoch": 1, "w": torch.ones(2)}, str(path))
-    utils.atomic_save({"epoch": 2, "w": torch.ones(2)}, str(path))
-    assert utils.load_checkpoint(str(path))["epoch"] == 2
-    assert os.listdir(tmp_path) == ["checkpoint.pth"]
+    utils.atomic_save({"epoch": 1}, str(path))
+
+    def disk_full(obj, f):  # what torch.save does when the write fails: a RuntimeError raised from the OSError
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(utils.UserError, match=r"could not write .*checkpoint.pth \(\[Errno 28\] No space left on "
+                                              r"device\): free some space"):
+        utils.atomic_save({"epoch": 2}, str(path))
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["checkpoint.pth"] and utils.load_checkpoint(str(path)) == {"epoch": 1}
 
 
 def test_checkpoint_that_runs_code_is_refused(tmp_path, runs_code):
@@ -137,44 +200,30 @@ def test_file_that_is_not_a_checkpoint_is_called_corrupt_not_dangerous(tmp_path,
     assert "run code" not in str(info.value)
 
 
-def test_pickle_that_runs_code_is_refused_and_plain_data_loads(tmp_path, runs_code):
-    marker = tmp_path / "pwned"
-    evil = tmp_path / "gnd_evil.pkl"
-    evil.write_bytes(pickle.dumps({"imlist": ["a"], "x": runs_code(marker)}))
-    with pytest.raises(utils.UserError, match="refused"):
-        datasets.safe_pickle_load(str(evil))
-    assert not marker.exists()
-    good = tmp_path / "gnd_good.pkl"
-    data = {"imlist": ["a", "b"], "gnd": [{"bbx": [1.0, 2.0, 3.0, 4.0], "easy": np.array([0, 1]),
-                                           "hard": np.array([], dtype=np.int64), "junk": {2}}]}
-    good.write_bytes(pickle.dumps(data, protocol=2))
-    loaded = datasets.safe_pickle_load(str(good))
-    assert loaded["imlist"] == ["a", "b"]
-    np.testing.assert_array_equal(loaded["gnd"][0]["easy"], [0, 1])
-
-
 def test_training_layout_checkpoint_loads_teacher_and_student(tmp_path):
-    source = utils.build_backbone("vit_tiny", 16)
-    head = DINOHead(source.embed_dim, 8)
-    path = tmp_path / "checkpoint.pth"
-    torch.save(_training_layout_checkpoint(source, head), path)
+    path = str(tmp_path / "checkpoint.pth")
+    source = write_teacher_student_checkpoint(path, 16, seed=0, same_student=True)  # student: module.backbone.*
     x = torch.randn(2, 3, 32, 32)
     for key in ("teacher", "student"):
         target = utils.build_backbone("vit_tiny", 16)
-        utils.load_pretrained_weights(target, str(path), key, "vit_tiny", 16)
+        utils.load_pretrained_weights(target, path, key, "vit_tiny", 16)
         source.eval(), target.eval()
         torch.testing.assert_close(target(x), source(x))
 
 
 def test_checkpoint_of_another_patch_size_or_arch_is_refused(tmp_path):
-    path = tmp_path / "checkpoint.pth"
-    torch.save(_training_layout_checkpoint(utils.build_backbone("vit_tiny", 8), DINOHead(192, 8)), path)
-    with pytest.raises(utils.UserError, match="patch size 8.*--patch_size"):
-        utils.load_pretrained_weights(utils.build_backbone("vit_tiny", 16), str(path), "teacher", "vit_tiny", 16)
-    with pytest.raises(utils.UserError, match="width 192"):
-        utils.load_pretrained_weights(utils.build_backbone("vit_small", 8), str(path), "teacher", "vit_small", 8)
-    with pytest.raises(utils.UserError, match="checkpoint_key"):
-        utils.load_pretrained_weights(utils.build_backbone("vit_tiny", 8), str(path), "nope", "vit_tiny", 8)
+    path = str(tmp_path / "checkpoint.pth")
+    write_teacher_student_checkpoint(path, 8, seed=0)
+    for arch, patch_size, shapes in (
+            ("vit_tiny", 16, "pos_embed: (1, 785, 192) in the file, (1, 197, 192) in the model"),
+            ("vit_small", 8, "cls_token: (1, 1, 192) in the file, (1, 1, 384) in the model")):
+        message = (f"{path} holds a ViT of width 192 with patch size 8, which does not fit {arch}/{patch_size} "
+                   f"({shapes}): pass the --arch and --patch_size it was trained with")
+        with pytest.raises(utils.UserError, match=f"^{re.escape(message)}$"):
+            utils.load_pretrained_weights(utils.build_backbone(arch, patch_size), path, "teacher", arch, patch_size)
+    with pytest.raises(utils.UserError, match=f"^{path} has no entry 'nope': pass --checkpoint_key with one of "
+                                              f"teacher, student, optimizer, epoch, dino_loss, args$"):
+        utils.load_pretrained_weights(utils.build_backbone("vit_tiny", 8), path, "nope", "vit_tiny", 8)
 
 
 def test_position_embeddings_of_another_grid_are_resized(tmp_path, capsys):
@@ -216,12 +265,14 @@ def test_diverged_student_of_the_eval_fixture_is_refused(tmp_path):
 
 
 def test_unknown_arch_lists_choices():
-    with pytest.raises(utils.UserError, match="vit_small"):
+    with pytest.raises(utils.UserError, match="^unknown --arch 'resnet9000': choose one of vit_tiny, vit_small, "
+                                              "vit_base$"):
         utils.build_backbone("resnet9000", 16)
 
 
 def test_no_official_weights_for_tiny_says_pass_a_file():
-    with pytest.raises(utils.UserError, match="--pretrained_weights"):
+    with pytest.raises(utils.UserError, match="^there are no official DINO weights for vit_tiny/16: pass "
+                                              "--pretrained_weights /path/to/checkpoint.pth$"):
         utils.load_pretrained_weights(utils.build_backbone("vit_tiny", 16), None, "teacher", "vit_tiny", 16)
 
 
@@ -231,35 +282,6 @@ def test_offline_download_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(utils.UserError, match="could not download.*--pretrained_weights"):
         utils.load_pretrained_weights(model, None, "teacher", "vit_small", 16,
                                       default_url="http://127.0.0.1:9/dino_deitsmall16_pretrain.pth")
-
-
-def test_open_image_names_the_broken_file(tmp_path):
-    bad = tmp_path / "broken.jpg"
-    bad.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
-    with pytest.raises(utils.UserError, match="broken.jpg"):
-        datasets.open_image(str(bad))
-
-
-def test_cifar10_python_folder_is_read_directly(tmp_path):
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for name, n in [(f"data_batch_{i}", 3) for i in range(1, 6)] + [("test_batch", 2)]:
-        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": list(range(n))}
-        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
-    train = datasets.build_eval_dataset(str(tmp_path), "train", None)
-    test = datasets.build_eval_dataset(str(tmp_path), "val", None)
-    assert len(train) == 15 and len(test) == 2
-    img, label = test[1]
-    assert img.size == (32, 32) and label == 1
-    # Channel-major rows: pixel (0, 0) takes bytes 0, 1024, 2048 of the row.
-    raw = pickle.loads((folder / "test_batch").read_bytes())[b"data"][1]
-    assert img.getpixel((0, 0)) == (raw[0], raw[1024], raw[2048])
-
-
-def test_missing_split_folder_is_a_clear_error(tmp_path):
-    with pytest.raises(utils.UserError, match="train"):
-        datasets.build_eval_dataset(str(tmp_path), "train", None)
 
 
 def test_run_cli_prints_one_line_without_traceback(tmp_path):
@@ -409,3 +431,15 @@ def test_peeking_at_the_args_maps_the_file_instead_of_reading_it(tmp_path, monke
         assert (args.arch, args.patch_size) == ("vit_tiny", 8)
         assert utils.load_checkpoint(path, mmap=True)["teacher"]["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
     assert mapped == {zipped: True, legacy: False}
+
+
+def test_average_precision_hand_worked():
+    """The trapezoid AP of the Holidays and revisited protocols (retrieval and copy detection share it)."""
+    assert utils.average_precision([0], 1) == pytest.approx(1.0)
+    assert utils.average_precision([1], 1) == pytest.approx(0.25)  # (0/1 + 1/2) / 2
+    assert utils.average_precision([0, 2], 2) == pytest.approx(0.5 * (1 + 1) / 2 + 0.5 * (1 / 2 + 2 / 3) / 2)
+    assert utils.average_precision([0], 2) == pytest.approx(0.5)  # the other positive was never retrieved
+    assert utils.average_precision([], 3) == 0.0
+    assert utils.average_precision([0, 1, 2], 3) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="^num_positives must be positive, got 0$"):
+        utils.average_precision([0], 0)

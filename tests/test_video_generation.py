@@ -15,17 +15,12 @@ import datasets
 import utils
 import video_generation as vg
 import visualize_attention as va
-from eval_testdata import one_thread, random_image, write_dino_checkpoint  # noqa: F401
+from eval_testdata import random_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 INFERNO = colormaps["inferno"](np.arange(256), bytes=True)[:, :3]  # (256, 3) the colour of each level
 LEVEL_OF_COLOUR = {tuple(colour): level for level, colour in enumerate(INFERNO)}
-
-
-@pytest.fixture(scope="module")
-def checkpoint8(tmp_path_factory) -> str:
-    return write_dino_checkpoint(str(tmp_path_factory.mktemp("video") / "checkpoint.pth"), patch_size=8, seed=4)
 
 
 def _args(*flags: str) -> argparse.Namespace:

@@ -119,7 +119,7 @@ def test_intermediate_layers_match_timm(small_pair, images):
     for a, b in zip(inter, ref_inter[-4:]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(inter[-1], last, atol=0, rtol=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^n must be in \[1, 12\], got 13$"):
         ours.get_intermediate_layers(images, n=13)
 
 

@@ -11,8 +11,7 @@ from PIL import Image
 import utils
 import visualize_attention as va
 import vision_transformer as vits
-from eval_testdata import (assert_one_line_error, one_thread, random_image, run_script,  # noqa: F401
-                           write_dino_checkpoint)
+from eval_testdata import assert_one_line_error, random_image, run_script
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -82,11 +81,6 @@ def test_threshold_keeps_the_fewest_largest_patches_holding_that_mass(threshold)
 def _args(tmp_path, *flags):
     parser = argparse.ArgumentParser(parents=[va.get_args_parser()])
     return parser.parse_args(["--output_dir", str(tmp_path / "out"), "--use_cuda", "false", *flags])
-
-
-@pytest.fixture(scope="module")
-def checkpoint8(tmp_path_factory):
-    return write_dino_checkpoint(str(tmp_path_factory.mktemp("att") / "checkpoint.pth"), patch_size=8, seed=2)
 
 
 def test_writes_the_reference_files_and_the_figure(tmp_path, checkpoint8, capsys):

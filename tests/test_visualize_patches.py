@@ -11,8 +11,7 @@ from PIL import Image
 
 import utils
 import visualize_patches as vp
-from eval_testdata import (REPO, assert_one_line_error, one_thread, random_image, run_script,  # noqa: F401
-                           write_dino_checkpoint)
+from eval_testdata import REPO, assert_one_line_error, random_image, run_script
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -93,11 +92,6 @@ def test_mutual_nearest_neighbours_match_a_brute_force_search():
         got = list(zip(index_a.tolist(), index_b.tolist(), sims.tolist()))
         assert [(i, j) for i, j, _ in got] == [(i, j) for i, j, _ in expected[:k]]
         np.testing.assert_allclose([s for *_, s in got], [s for *_, s in expected[:k]], atol=1e-6)
-
-
-@pytest.fixture(scope="module")
-def checkpoint8(tmp_path_factory):
-    return write_dino_checkpoint(str(tmp_path_factory.mktemp("patches") / "checkpoint.pth"), patch_size=8, seed=4)
 
 
 def _args(tmp_path, *flags):

@@ -6,6 +6,8 @@ import os
 import pickle
 import re
 import shutil
+import subprocess
+import sys
 import urllib.error
 
 import numpy as np
@@ -16,7 +18,8 @@ from torchvision.transforms import functional as TF
 
 import eval_image_retrieval as retrieval
 import utils
-from eval_testdata import assert_one_line_error, last_json, random_image, run_script, write_teacher_student_checkpoint
+from eval_testdata import (REPO, assert_one_line_error, clean_env, last_json, random_image, run_script,
+                           write_teacher_student_checkpoint)
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 PATCH = 8
@@ -179,12 +182,18 @@ def assert_results_match(got: dict, expected: dict):
         assert got["mP@k"][setup] == pytest.approx(expected["mP@k"][setup], abs=1e-3)
 
 
-def test_end_to_end_prints_the_expected_json(mini_revisited):
+# The seed README's commands say "torchrun --use_env", which torchrun refuses; the README's two ways out:
+LAUNCHERS = {"python": [], "torchrun": ["-m", "torch.distributed.run", "--nproc_per_node=1"],
+             "launch --use_env": ["-m", "torch.distributed.launch", "--use_env", "--nproc_per_node=1"]}
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_end_to_end_prints_the_expected_json(mini_revisited, launcher):
     root, ckpt, teacher = mini_revisited
-    proc = run_script("eval_image_retrieval.py", ["--data_path", str(root), "--dataset", "roxford5k",
-                                                  "--imsize", str(IMSIZE), "--arch", "vit_tiny", "--patch_size",
-                                                  str(PATCH), "--pretrained_weights", ckpt, "--num_workers", "0",
-                                                  "--use_cuda", "false"], timeout=300, threads=1)
+    flags = ["--data_path", str(root), "--dataset", "roxford5k", "--imsize", str(IMSIZE), "--arch", "vit_tiny",
+             "--patch_size", str(PATCH), "--pretrained_weights", ckpt, "--num_workers", "0", "--use_cuda", "false"]
+    command = [sys.executable, *LAUNCHERS[launcher], os.path.join(REPO, "eval_image_retrieval.py"), *flags]
+    proc = subprocess.run(command, cwd=REPO, env=clean_env(threads=1), capture_output=True, text=True, timeout=300)
     got = last_json(proc)
     lines = proc.stdout.strip().splitlines()
     assert any(line.startswith(">> roxford5k: mAP E:") for line in lines)
@@ -193,6 +202,13 @@ def test_end_to_end_prints_the_expected_json(mini_revisited):
     # queries 0-2 find their exact copies first; junk removal puts the hard copy of q0/q1 first in H
     # (without it the H AP of q1 would be 0.25); q2 has no hard positive and is left out of H
     assert got["mP@k"]["E"][0] >= 75.0 and got["mP@k"]["H"][0] >= 100 * 2 / 3
+
+
+def test_torchrun_refuses_the_seed_commands_use_env_flag():
+    command = [sys.executable, "-m", "torch.distributed.run", "--use_env", "--nproc_per_node=1",
+               os.path.join(REPO, "eval_image_retrieval.py")]
+    proc = subprocess.run(command, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unrecognized arguments: --use_env" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_multiscale_without_crops_in_process(mini_revisited):

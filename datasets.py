@@ -12,6 +12,8 @@
   dataset's training split.
 - Segmentation folders (``build_segmentation_dataset``): Pascal VOC or plain ``images/`` + ``masks/`` splits, masks
   read as class ids (``read_class_mask``; 255 = not scored).
+- DAVIS-2017 videos (``eval_video_segmentation.py``): the val list, frames resized and normalised as DINO's script
+  does, palette-PNG annotations read as object ids and written with the DAVIS palette.
 """
 import gzip
 import math
@@ -566,3 +568,123 @@ def build_segmentation_dataset(data_path: str, split: str,
     if not os.path.isdir(split_dir):
         raise UserError(f"{split_dir} not found: the plain layout needs {split}/images/ and {split}/masks/")
     return SegmentationFolder(_plain_samples(split_dir), transform)
+
+
+# ----------------------------------------------------------------------------------------------------
+# DAVIS-2017 videos (semi-supervised video object segmentation; DINO's eval_video_segmentation.py reads them)
+# ----------------------------------------------------------------------------------------------------
+DAVIS_FOLDERS = ("ImageSets", "JPEGImages", "Annotations")
+DAVIS_RESOLUTION = "480p"
+DAVIS_MEAN, DAVIS_STD = (0.485, 0.456, 0.406), (0.228, 0.224, 0.225)  # DINO's color_normalize (0.228, not 0.229)
+DAVIS_SIZE_STEP = 64  # DINO floors the longer side of a resized frame to a multiple of this
+
+
+def davis_videos(root: str, split: str = "val") -> list:
+    """Names of the videos listed in ``root/ImageSets/2017/<split>.txt`` (blank lines skipped), after checking that
+    ``root`` holds ``ImageSets``, ``JPEGImages`` and ``Annotations``."""
+    require_folder(root)
+    for name in DAVIS_FOLDERS:
+        if not os.path.isdir(os.path.join(root, name)):
+            raise UserError(f"{os.path.join(root, name)} not found: --data_path must be the DAVIS-2017 folder "
+                            f"holding {', '.join(DAVIS_FOLDERS)} (DAVIS-2017-trainval-480p)")
+    listing = os.path.join(root, "ImageSets", "2017", f"{split}.txt")
+    try:
+        with open(listing) as f:
+            names = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read the video list {listing}: {exc}") from None
+    if not names:
+        raise UserError(f"{listing} lists no videos")
+    return names
+
+
+def davis_frames(root: str, video: str) -> list:
+    """Sorted paths of the ``.jpg`` frames of ``video`` (``JPEGImages/480p/<video>``); none is a ``UserError``."""
+    folder = os.path.join(root, "JPEGImages", DAVIS_RESOLUTION, video)
+    if not os.path.isdir(folder):
+        raise UserError(f"video {video} has no frame folder {folder}")
+    frames = [os.path.join(folder, name) for name in sorted(os.listdir(folder))
+              if name.endswith(".jpg") and not is_hidden(name)]
+    if not frames:
+        raise UserError(f"video {video} has no frames: no .jpg files in {folder}")
+    return frames
+
+
+def davis_annotations(root: str, video: str) -> dict:
+    """``{frame name: path}`` of the ``.png`` annotations of ``video`` (``Annotations/480p/<video>``), possibly
+    empty; the frame name is the file name without its extension."""
+    folder = os.path.join(root, "Annotations", DAVIS_RESOLUTION, video)
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    return {name[:-4]: os.path.join(folder, name) for name in names if name.endswith(".png") and not is_hidden(name)}
+
+
+def davis_frame_size(height: int, width: int, short_side: int) -> Tuple[int, int]:
+    """DINO's ``read_frame`` size: the shorter side becomes ``short_side``, the other is scaled alike and floored to a
+    multiple of 64 (a landscape or square frame keeps ``short_side`` rows). Returns (height, width)."""
+    if height > width:
+        return int(short_side * height / width // DAVIS_SIZE_STEP * DAVIS_SIZE_STEP), short_side
+    return short_side, int(short_side * width / height // DAVIS_SIZE_STEP * DAVIS_SIZE_STEP)
+
+
+def read_davis_frame(path: str, short_side: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    """A frame as DINO reads it: decoded by OpenCV, resized bilinearly to ``davis_frame_size``, scaled to [0, 1],
+    normalised with ``DAVIS_MEAN``/``DAVIS_STD``. Returns the (3, h, w) float tensor and the original (H, W)."""
+    import cv2  # OpenCV decodes the frames as DINO's script does
+
+    image = cv2.imread(path, cv2.IMREAD_COLOR)  # (H, W, 3) BGR uint8, or None
+    if image is None:
+        raise UserError(f"cannot decode frame {path} (missing, truncated or not an image)")
+    height, width = image.shape[:2]
+    size = davis_frame_size(height, width, short_side)
+    if min(size) < 1:
+        raise UserError(f"frame {path} ({height}x{width}) resized to a shorter side of {short_side} has a side "
+                        f"of {min(size)}: raise --short_side")
+    image = cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)  # (h, w, 3)
+    rgb = torch.from_numpy(np.ascontiguousarray(image[:, :, ::-1].transpose(2, 0, 1))).float() / 255.0  # (3, h, w)
+    mean = torch.tensor(DAVIS_MEAN).view(3, 1, 1)  # (3, 1, 1)
+    std = torch.tensor(DAVIS_STD).view(3, 1, 1)  # (3, 1, 1)
+    return (rgb - mean) / std, (height, width)  # (3, h, w)
+
+
+def read_palette_png(path: str) -> np.ndarray:
+    """The palette indices of a palette PNG (DAVIS annotations: object ids, 0 the background): (H, W) uint8. A
+    missing file, an unreadable one, or an image without a palette is a ``UserError`` naming the file."""
+    if not os.path.isfile(path):
+        raise UserError(f"annotation {path} not found")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode != "P":
+                raise UserError(f"{path} is not a palette image (its mode is {img.mode}): DAVIS annotations are "
+                                f"palette PNGs whose indices are object ids")
+            return np.array(img, dtype=np.uint8)  # (H, W)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise UserError(f"cannot decode annotation {path}: {exc}") from None
+
+
+def davis_palette() -> np.ndarray:
+    """The DAVIS (PASCAL VOC) palette, (256, 3) uint8: bits 0, 1, 2 of an index go to the most significant bit of R,
+    G, B, bits 3, 4, 5 to the next one, and so on (1 -> (128, 0, 0), 2 -> (0, 128, 0), 8 -> (64, 0, 0))."""
+    index = np.arange(256)  # (256,)
+    palette = np.zeros((256, 3), dtype=np.int64)  # (256, 3)
+    for level in range(8):  # level-th group of 3 bits -> bit 7 - level of each channel
+        for channel in range(3):
+            palette[:, channel] |= ((index >> (3 * level + channel)) & 1) << (7 - level)
+    return palette.astype(np.uint8)
+
+
+def write_palette_png(path: str, indices: np.ndarray, palette: np.ndarray) -> None:
+    """Write ``indices`` (H, W) uint8 as a palette PNG with ``palette`` (256, 3), through a temporary file renamed
+    over ``path`` (an interrupted run leaves no partial PNG behind)."""
+    image = Image.fromarray(np.ascontiguousarray(indices, dtype=np.uint8))  # mode L
+    image.putpalette(palette.astype(np.uint8).ravel().tolist())  # now mode P, the indices unchanged
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise UserError(f"could not write {path} ({exc}): free some space or choose another --output_dir") \
+            from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -164,19 +164,6 @@ def render_video(rng: np.random.Generator, garments: np.ndarray,
 # ----------------------------------------------------------------------------------------------------
 # Writing
 # ----------------------------------------------------------------------------------------------------
-def davis_palette() -> List[int]:
-    """The 256-colour map of Pascal VOC and DAVIS annotations (bits of the index spread over R, G and B)."""
-    palette = []
-    for index in range(256):
-        rgb, bits = [0, 0, 0], index
-        for shift in range(7, -1, -1):
-            for channel in range(3):
-                rgb[channel] |= ((bits >> channel) & 1) << shift
-            bits >>= 3
-        palette += rgb
-    return palette
-
-
 def write_scenes(split_dir: str, garments: np.ndarray, labels: np.ndarray, count: int,
                  rng: np.random.Generator, args: argparse.Namespace) -> None:
     """``count`` scenes: ``split_dir/images/NNNNNN.jpg`` and ``split_dir/masks/NNNNNN.png``."""
@@ -191,7 +178,7 @@ def write_scenes(split_dir: str, garments: np.ndarray, labels: np.ndarray, count
 def write_videos(root: str, garments: np.ndarray, count: int, rng: np.random.Generator,
                  args: argparse.Namespace) -> None:
     """``count`` videos in the DAVIS-2017 layout under ``root``."""
-    palette = davis_palette()
+    palette = datasets.davis_palette()  # (256, 3)
     names = [f"garments{i:04d}" for i in range(count)]
     for name in names:
         frames_dir = os.path.join(root, "JPEGImages", "480p", name)
@@ -200,9 +187,7 @@ def write_videos(root: str, garments: np.ndarray, count: int, rng: np.random.Gen
         os.makedirs(masks_dir)
         for t, (frame, mask) in enumerate(zip(*render_video(rng, garments, args))):
             Image.fromarray(frame).save(os.path.join(frames_dir, f"{t:05d}.jpg"), quality=JPEG_QUALITY)
-            annotation = Image.fromarray(mask)
-            annotation.putpalette(palette)  # mode P: the ids are the palette indices
-            annotation.save(os.path.join(masks_dir, f"{t:05d}.png"))
+            datasets.write_palette_png(os.path.join(masks_dir, f"{t:05d}.png"), mask, palette)
     os.makedirs(os.path.join(root, "ImageSets", "2017"))
     with open(os.path.join(root, "ImageSets", "2017", "val.txt"), "w") as f:
         f.write("".join(f"{name}\n" for name in names))

@@ -3,13 +3,16 @@
 - ``bench_data_pipeline.py``: our augmentation + matches against a plain torchvision/PIL DINO multi-crop;
 - ``bench_train_step.py``: ``--patch_loss true`` against ``false`` (step time, peak memory, time per FLOP);
 - ``bench_eval.py``: k-NN with faiss against torch (the CPU default must be the faster), and feature-extraction
-  throughput (a figure, no target).
+  throughput (a figure, no target);
+- ``bench_video_segmentation.py``: DAVIS label propagation against DINO's (same labels, faster), and frames/s at 480p
+  (a figure, no target).
 
 Each benchmark's own output streams as it runs; the summary collects its PASS/FAIL lines (and the throughput
-line). Exit status 1 when a target fails or a benchmark crashes.
+lines). Exit status 1 when a target fails or a benchmark crashes.
 
-    python benchmarks/run_all.py           # about 20 minutes on 2 CPU cores
-    python benchmarks/run_all.py --quick   # training step of vit_tiny/16, out_dim 4096 only (about 3 minutes)
+    python benchmarks/run_all.py           # about 30 minutes on 2 CPU cores
+    python benchmarks/run_all.py --quick   # training step of vit_tiny/16, out_dim 4096 only, video segmentation at
+                                           # ViT-S/16 only (about 5 minutes)
 """
 import argparse
 import os
@@ -27,14 +30,15 @@ def run(script: str, argv: list) -> tuple:
     kept = []
     for line in proc.stdout:
         print(line, end="", flush=True)
-        if "PASS" in line or "FAIL" in line or line.startswith("Feature extraction"):
+        if "PASS" in line or "FAIL" in line or line.startswith(("Feature extraction", "Video segmentation")):
             kept.append(line.strip())
     return proc.wait(), kept
 
 
 def main(args: argparse.Namespace) -> bool:
     train_argv = ["--configs", "vit_tiny:4096"] if args.quick else []
-    jobs = [("bench_data_pipeline.py", []), ("bench_train_step.py", train_argv), ("bench_eval.py", [])]
+    jobs = [("bench_data_pipeline.py", []), ("bench_train_step.py", train_argv), ("bench_eval.py", []),
+            ("bench_video_segmentation.py", ["--quick"] if args.quick else [])]
     summary, ok = [], True
     for script, argv in jobs:
         status, lines = run(script, argv)
@@ -49,5 +53,6 @@ def main(args: argparse.Namespace) -> bool:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser("Run all benchmarks")
-    parser.add_argument("--quick", action="store_true", help="only the vit_tiny/16, out_dim 4096 training-step row")
+    parser.add_argument("--quick", action="store_true", help="only the vit_tiny/16, out_dim 4096 training-step row "
+                        "and the ViT-S/16 video segmentation")
     sys.exit(0 if main(parser.parse_args()) else 1)

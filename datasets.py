@@ -23,6 +23,7 @@ import struct
 import zlib
 from typing import Any, Callable, Optional, Sequence, Tuple
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -629,7 +630,6 @@ def davis_frame_size(height: int, width: int, short_side: int) -> Tuple[int, int
 def read_davis_frame(path: str, short_side: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
     """A frame as DINO reads it: decoded by OpenCV, resized bilinearly to ``davis_frame_size``, scaled to [0, 1],
     normalised with ``DAVIS_MEAN``/``DAVIS_STD``. Returns the (3, h, w) float tensor and the original (H, W)."""
-    import cv2  # OpenCV decodes the frames as DINO's script does
 
     image = cv2.imread(path, cv2.IMREAD_COLOR)  # (H, W, 3) BGR uint8, or None
     if image is None:

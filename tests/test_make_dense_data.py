@@ -89,7 +89,7 @@ def test_videos_follow_the_davis_layout(generated):
     with open(os.path.join(davis, "ImageSets", "2017", "val.txt")) as f:
         videos = f.read().split()
     assert videos == ["garments0000", "garments0001"]
-    palette = make_dense_data.davis_palette()
+    palette = datasets.davis_palette().ravel().tolist()
     assert palette[3:9] == [128, 0, 0, 0, 128, 0] and palette[-3:] == [224, 224, 192]  # DAVIS's object colours
     for video in videos:
         frames = sorted(os.listdir(os.path.join(davis, "JPEGImages", "480p", video)))

@@ -177,6 +177,15 @@ def test_resuming_another_model_is_refused_naming_the_difference(tmp_path, strai
     assert json.loads((out / "args.json").read_text())["arch"] == "vit_tiny"  # the run's record is untouched
 
 
+def test_resuming_without_the_same_patch_augmentation_is_refused(tmp_path, straight, fresh_process_group):
+    argv, straight_out = straight
+    out = tmp_path / "out"
+    shutil.copytree(straight_out, out)
+    with pytest.raises(utils.UserError, match=r"--patch_augmentation False \(this run: True\)"):
+        pwd.main(parse(argv + ["--output_dir", str(out), "--patch_augmentation", "true", "--epochs", "3"]))
+    assert json.loads((out / "args.json").read_text())["patch_augmentation"] is False
+
+
 def child_pids(pid):
     """Processes whose parent is ``pid`` (from /proc)."""
     children = []

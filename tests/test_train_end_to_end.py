@@ -82,22 +82,24 @@ def test_train_two_epochs_then_resume_for_a_third(tmp_path, fresh_process_group)
     torch.testing.assert_close(model.cls_token, ckpt["teacher"]["backbone.cls_token"])
 
 
-def test_resume_gives_the_same_teacher_as_an_uninterrupted_run(tmp_path, fresh_process_group, monkeypatch):
+@pytest.mark.parametrize("epochs,extra", [(3, []), (2, ["--patch_augmentation", "true"])])
+def test_resume_gives_the_same_teacher_as_an_uninterrupted_run(tmp_path, fresh_process_group, monkeypatch, epochs,
+                                                               extra):
     write_images(tmp_path / "data", 4)
-    argv = TINY + ["--data_path", str(tmp_path / "data"), "--epochs", "3", "--seed", "7"]
+    argv = TINY + ["--data_path", str(tmp_path / "data"), "--epochs", str(epochs), "--seed", "7"] + extra
     run(argv + ["--output_dir", str(tmp_path / "straight")])
 
     real_epoch = pwd.train_one_epoch
 
     def interrupted(state, loader, schedules, epoch, args, *rest, **kwargs):
-        if epoch == 2:
+        if epoch == epochs - 1:
             raise KeyboardInterrupt
         return real_epoch(state, loader, schedules, epoch, args, *rest, **kwargs)
 
     monkeypatch.setattr(pwd, "train_one_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run(argv + ["--output_dir", str(tmp_path / "resumed")])
-    assert utils.load_checkpoint(str(tmp_path / "resumed" / "checkpoint.pth"))["epoch"] == 2
+    assert utils.load_checkpoint(str(tmp_path / "resumed" / "checkpoint.pth"))["epoch"] == epochs - 1
     monkeypatch.setattr(pwd, "train_one_epoch", real_epoch)
     run(argv + ["--output_dir", str(tmp_path / "resumed")])
 
@@ -108,6 +110,10 @@ def test_resume_gives_the_same_teacher_as_an_uninterrupted_run(tmp_path, fresh_p
             assert torch.equal(value, resumed[part][key]), f"{part} {key}"
     assert [line["train_loss"] for line in read_log(tmp_path / "straight")] == \
            [line["train_loss"] for line in read_log(tmp_path / "resumed")]
+    if extra:  # a run with the per-patch augmentation continues only with the same number of ops
+        assert json.loads((tmp_path / "resumed" / "args.json").read_text())["patch_augmentation"] is True
+        with pytest.raises(utils.UserError, match=r"--patch_augmentation_ops 4 \(this run: 2\)"):
+            run(argv + ["--output_dir", str(tmp_path / "resumed"), "--patch_augmentation_ops", "2"])
 
 
 @pytest.mark.skipif(not utils.cpp_compiler_available(), reason="torch.compile on the CPU needs a C++ compiler")
@@ -179,6 +185,7 @@ def test_image_sources(tmp_path):
     (["--local_size", "20"], "--local_size 20"),
     (["--data_path", "/nonexistent/images"], "does not exist"),
     (["--batch_size_per_gpu", "8"], "fewer than one batch"),
+    (["--patch_augmentation", "true", "--patch_size", "2"], "--patch_augmentation true needs --patch_size >= 3"),
 ])
 def test_bad_settings_are_user_errors(tmp_path, fresh_process_group, extra, message):
     write_images(tmp_path / "data", 3)

@@ -216,15 +216,14 @@ class PatchParams(NamedTuple):
 def sample_patch_params(num_tiles: int, num_ops: int) -> PatchParams:
     """Draw the per-patch parameters of ``num_tiles`` tiles: ``num_ops`` of the 4 ops without replacement in a
     uniformly random order (the first ``num_ops`` of a uniformly drawn permutation), and each op's parameters."""
-    order = PATCH_OP_ORDERS[torch.randint(len(PATCH_OP_ORDERS), (num_tiles,)).numpy(), :num_ops]  # (n, k)
-    u = torch.rand(num_tiles, 6)  # (n, 6)
+    u = torch.rand(num_tiles, 7).numpy()  # (n, 7)
+    order = PATCH_OP_ORDERS[(u[:, 0].astype(np.float64) * len(PATCH_OP_ORDERS)).astype(np.int64), :num_ops]  # (n, k)
 
     def uniform(column: int, low_high: tuple) -> np.ndarray:
-        return (low_high[0] + (low_high[1] - low_high[0]) * u[:, column]).numpy()  # (n,)
+        return np.float32(low_high[0]) + np.float32(low_high[1] - low_high[0]) * u[:, column]  # (n,)
 
-    return PatchParams(order, uniform(0, PATCH_BRIGHTNESS), uniform(1, PATCH_HUE), (u[:, 2] < 0.5).numpy(),
-                       uniform(3, PATCH_BLUR_SIGMA), (u[:, 4] < PATCH_SHARPNESS_P).numpy(),
-                       (u[:, 5] < PATCH_POSTERIZE_P).numpy())
+    return PatchParams(order, uniform(1, PATCH_BRIGHTNESS), uniform(2, PATCH_HUE), u[:, 3] < 0.5,
+                       uniform(4, PATCH_BLUR_SIGMA), u[:, 5] < PATCH_SHARPNESS_P, u[:, 6] < PATCH_POSTERIZE_P)
 
 
 # The tile ops work on a strip: an image (p, m * p, 3) of m tiles of p x p pixels side by side, whose long rows
@@ -260,12 +259,14 @@ def _scale_truncate(rows: np.ndarray, factors: np.ndarray) -> None:
 def _hue_float(rows: np.ndarray, factors: np.ndarray) -> np.ndarray:
     """``adjust_hue`` of float32 strip rows (p, m*p*3) holding uint8 values by per-tile ``factors`` (m,) ->
     float32 rows holding uint8 values: float HSV (OpenCV's conversions: torchvision's formulas), hue rotated,
-    back to RGB, scaled by 255.999 and truncated as ``convert_image_dtype``."""
+    back to RGB, in [0, 1] scaled by 255.999 and truncated as ``convert_image_dtype``. Hue and saturation do not
+    depend on the scale of the values and RGB is proportional to V, so the values stay in 0..255."""
     p = len(rows)
-    hsv = cv2.cvtColor((rows / np.float32(255)).reshape(p, -1, 3), cv2.COLOR_RGB2HSV)  # hue in degrees
+    hsv = cv2.cvtColor(rows.reshape(p, -1, 3), cv2.COLOR_RGB2HSV)  # hue in degrees, V in 0..255
     shifts = (factors.astype(np.float32) * 360) % 360  # (m,) in [0, 360): OpenCV wraps the hues below 720
     hsv[..., 0] += np.repeat(shifts, p)  # one shift per column
-    rgb = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB).reshape(p, -1) * np.float32(255.999)  # (p, m*p*3)
+    rgb = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB).reshape(p, -1)  # (p, m*p*3) in 0..255
+    rgb *= np.float32(255.999 / 255)
     return np.floor(rgb, out=rgb)
 
 
@@ -282,14 +283,16 @@ def tile_hue(strip: np.ndarray, factors: np.ndarray) -> np.ndarray:
     return _hue_float(rows, factors).astype(np.uint8).reshape(strip.shape)
 
 
-def tile_color_jitter(strip: np.ndarray, params: PatchParams) -> np.ndarray:
-    """ColorJitter(brightness=0.1, hue=0.1) of each tile of a uint8 strip (p, m*p, 3), brightness before or
-    after hue as the tile drew; between the two the values are uint8 as in torchvision (float32, truncated)."""
-    first, ones = params.brightness_first, np.ones_like(params.brightness)
+def tile_color_jitter(strip: np.ndarray, brightness: np.ndarray, hue: np.ndarray,
+                      brightness_first: np.ndarray) -> np.ndarray:
+    """ColorJitter(brightness=0.1, hue=0.1) of each tile of a uint8 strip (p, m*p, 3) with its factors (m,),
+    brightness before hue where ``brightness_first`` (m,), after it elsewhere; between the two the values are
+    uint8 as in torchvision (float32, truncated)."""
+    ones = np.ones_like(brightness)
     rows = strip.reshape(len(strip), -1).astype(np.float32)  # (p, m*p*3)
-    _scale_truncate(rows, _per_value(np.where(first, params.brightness, ones), strip))
-    rows = _hue_float(rows, params.hue)
-    _scale_truncate(rows, _per_value(np.where(first, ones, params.brightness), strip))
+    _scale_truncate(rows, _per_value(np.where(brightness_first, brightness, ones), strip))
+    rows = _hue_float(rows, hue)
+    _scale_truncate(rows, _per_value(np.where(brightness_first, ones, brightness), strip))
     return rows.astype(np.uint8).reshape(strip.shape)
 
 
@@ -306,13 +309,14 @@ def tile_gaussian_blur(strip: np.ndarray, sigmas: np.ndarray) -> np.ndarray:
     p, half = len(strip), PATCH_BLUR_HALF
     rows = np.abs(np.arange(-half, p + half))  # reflect at the top...
     rows = np.where(rows > p - 1, 2 * (p - 1) - rows, rows)  # ... and at the bottom: (p + 4,)
-    padded = strip.reshape(p, -1)[rows]  # (p + 4, m*p*3) uint8
+    padded = strip.reshape(p, -1)[rows].astype(np.float32)  # (p + 4, m*p*3)
     weights = blur_weights(sigmas)  # (m, 5), symmetric
-    out = np.multiply(padded[half:half + p], _per_value(weights[:, half], strip))  # (p, m*p*3) float32
+    out = padded[half:half + p] * _per_value(weights[:, half], strip)  # (p, m*p*3)
     for k in range(half):
-        pair = np.add(padded[k:k + p], padded[2 * half - k:2 * half - k + p], dtype=np.float32)  # exact sums
-        out += np.multiply(pair, _per_value(weights[:, k], strip), out=pair)
-    return np.rint(out, out=out).astype(np.uint8).reshape(strip.shape)
+        pair = padded[k:k + p] + padded[2 * half - k:2 * half - k + p]  # exact sums of integers
+        pair *= _per_value(weights[:, k], strip)
+        out += pair
+    return cv2.convertScaleAbs(out).reshape(strip.shape)  # rounded half to even, as torch.round
 
 
 def tile_sharpness(strip: np.ndarray, factor: float = PATCH_SHARPNESS) -> np.ndarray:
@@ -334,12 +338,12 @@ def tile_posterize(strip: np.ndarray, bits: int = PATCH_POSTERIZE_BITS) -> np.nd
     return strip & np.uint8(256 - 2 ** (8 - bits))
 
 
-def run_patch_op(op_id: int, strip: np.ndarray, params: PatchParams) -> np.ndarray:
-    """``PATCH_OPS[op_id]`` on a uint8 strip of m tiles with their parameters ``params`` (m rows)."""
+def run_patch_op(op_id: int, strip: np.ndarray, params: PatchParams, tiles: np.ndarray) -> np.ndarray:
+    """``PATCH_OPS[op_id]`` on a uint8 strip of m tiles, tile i with the parameters of row ``tiles[i]`` (m,)."""
     if op_id == COLOR_JITTER:
-        return tile_color_jitter(strip, params)
+        return tile_color_jitter(strip, params.brightness[tiles], params.hue[tiles], params.brightness_first[tiles])
     if op_id == GAUSSIAN_BLUR:
-        return tile_gaussian_blur(strip, params.blur_sigma)
+        return tile_gaussian_blur(strip, params.blur_sigma[tiles])
     return tile_sharpness(strip) if op_id == SHARPNESS else tile_posterize(strip)
 
 
@@ -347,21 +351,20 @@ def augment_tiles(strip: np.ndarray, params: PatchParams) -> np.ndarray:
     """Each tile's ops of ``params.order`` in turn. At every step the tiles are reordered so that those running
     the same op lie side by side, and each op runs once on its slice. uint8 strip (p, n*p, 3) -> the same."""
     p, n = len(strip), len(params.order)
+    idle = len(PATCH_OPS)  # the key of a tile whose op does not fire at a step
+    skipped = (((params.order == SHARPNESS) & ~params.sharpen[:, None])
+               | ((params.order == POSTERIZE) & ~params.posterize[:, None]))  # (n, k) the coin said no
+    keys = np.where(skipped, idle, params.order).astype(np.uint8)  # (n, k)
     tiles = strip.reshape(p, n, 3 * p)  # row r of the tile in slot t is tiles[r, t]
     slot_tile = np.arange(n)  # (n,) the tile in each slot
-    idle = len(PATCH_OPS)  # the key of a tile whose op does not fire at this step
-    for step in params.order.T:  # (n,) the op of every tile at this step
-        step = np.where(((step == SHARPNESS) & ~params.sharpen) | ((step == POSTERIZE) & ~params.posterize), idle,
-                        step)
-        order = np.argsort(step[slot_tile], kind="stable")  # (n,) new slot -> old slot
+    for key in keys.T:  # (n,) what every tile runs at this step
+        order = np.argsort(key[slot_tile], kind="stable")  # (n,) new slot -> old slot
         tiles, slot_tile = np.take(tiles, order, axis=1), slot_tile[order]  # grouped by op
-        ends = np.cumsum(np.bincount(step, minlength=idle + 1))  # (5,) end slot of each op's group
-        for op_id in range(idle):
-            group = slice(ends[op_id - 1] if op_id else 0, ends[op_id])
-            if group.stop > group.start:
-                selected = PatchParams(*(field[slot_tile[group]] for field in params))
-                out = run_patch_op(op_id, tiles[:, group].reshape(p, -1, 3), selected)  # (p, m*p, 3)
-                tiles[:, group] = out.reshape(p, -1, 3 * p)
+        ends = np.cumsum(np.bincount(key, minlength=idle + 1))  # (5,) end slot of each op's group
+        for op_id, (start, end) in enumerate(zip([0, *ends[:idle - 1]], ends[:idle])):
+            if end > start:
+                out = run_patch_op(op_id, tiles[:, start:end].reshape(p, -1, 3), params, slot_tile[start:end])
+                tiles[:, start:end] = out.reshape(p, -1, 3 * p)
     return np.take(tiles, np.argsort(slot_tile), axis=1).reshape(strip.shape)  # back in tile order
 
 

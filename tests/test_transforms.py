@@ -252,7 +252,7 @@ def test_each_patch_op_equals_torchvision_on_every_tile(photos, patch_size):
     params = params._replace(brightness=np.append(params.brightness, [1.1, 1.1]).astype(np.float32),
                              hue=np.append(params.hue, [0.1, 0.1]).astype(np.float32),
                              brightness_first=np.append(params.brightness_first, [True, False]))
-    jittered = transforms.tile_color_jitter(bright, params)
+    jittered = transforms.tile_color_jitter(bright, params.brightness, params.hue, params.brightness_first)
     for i in range(n + 2):
         t, b, h = tile_of(bright, i), float(params.brightness[i]), float(params.hue[i])
         expected = (F.adjust_hue(F.adjust_brightness(t, b), h) if params.brightness_first[i]
@@ -286,12 +286,11 @@ def one_tile_at_a_time(strip: np.ndarray, params: transforms.PatchParams) -> np.
     p, out = len(strip), strip.copy()
     for i in range(strip.shape[1] // p):
         tile = np.ascontiguousarray(out[:, i * p:(i + 1) * p])
-        mine = transforms.PatchParams(*(field[i:i + 1] for field in params))
         for op in params.order[i]:
-            skipped = (op == transforms.SHARPNESS and not mine.sharpen[0]) or \
-                      (op == transforms.POSTERIZE and not mine.posterize[0])  # p = 0.5 each
+            skipped = (op == transforms.SHARPNESS and not params.sharpen[i]) or \
+                      (op == transforms.POSTERIZE and not params.posterize[i])  # p = 0.5 each
             if not skipped:
-                tile = transforms.run_patch_op(op, tile, mine)
+                tile = transforms.run_patch_op(op, tile, params, np.array([i]))
         out[:, i * p:(i + 1) * p] = tile
     return out
 
@@ -305,12 +304,12 @@ def test_tiles_get_their_own_ops_in_their_own_order(photos, num_ops):
     params = transforms.sample_patch_params(36, num_ops)
     assert np.array_equal(transforms.augment_tiles(strip, params), one_tile_at_a_time(strip, params))
     assert len(np.unique(params.order, axis=0)) > 5
-    # one tile, the same parameters, every order: posterize, blur and brightness do not commute
+    # one tile, the same parameters, every order of the 4 ops: they do not commute
     tile = np.ascontiguousarray(strip[:, 3 * p:4 * p])
-    fixed = transforms.PatchParams(*(np.repeat(field[:1], 24, axis=0) for field in params))
-    fixed = fixed._replace(order=transforms.PATCH_OP_ORDERS, sharpen=np.ones(24, bool), posterize=np.ones(24, bool))
-    outcomes = transforms.augment_tiles(np.tile(tile, (1, 24, 1)), fixed)
-    assert len({outcomes[:, k * p:(k + 1) * p].tobytes() for k in range(24)}) > 12
+    same = transforms.PatchParams(transforms.PATCH_OP_ORDERS, *(np.full(24, v, np.float32) for v in (1.1, 0.05)),
+                                  np.ones(24, bool), np.full(24, 1.5, np.float32), np.ones(24, bool), np.ones(24, bool))
+    outcomes = transforms.augment_tiles(np.tile(tile, (1, 24, 1)), same)
+    assert len({outcomes[:, k * p:(k + 1) * p].tobytes() for k in range(24)}) >= 12
 
 
 def test_patch_augmentation_changes_pixels_only(photos):

@@ -328,8 +328,9 @@ def tile_sharpness(strip: np.ndarray, factor: float = PATCH_SHARPNESS) -> np.nda
     sums = cv2.scaleAdd(strip.astype(np.float32), 4.0, sums)  # + 4 x the centre
     smooth = cv2.convertScaleAbs(sums, alpha=1 / 13)  # rounded to uint8
     out = cv2.addWeighted(strip, factor, smooth, 1 - factor, 0)  # saturated: exact for an integer factor
-    out[[0, -1]] = strip[[0, -1]]
-    out[:, 0::p], out[:, p - 1::p] = strip[:, 0::p], strip[:, p - 1::p]
+    edge = np.zeros((p, p), dtype=np.uint8)
+    edge[[0, -1]] = edge[:, [0, -1]] = 1
+    cv2.copyTo(strip, np.tile(edge, (1, strip.shape[1] // p)), out)  # the tiles' edge pixels are kept
     return out
 
 

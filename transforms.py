@@ -227,7 +227,7 @@ def sample_patch_params(num_tiles: int, num_ops: int) -> PatchParams:
 
 
 # The tile ops work on a strip: an image (p, m * p, 3) of m tiles of p x p pixels side by side, whose long rows
-# suit OpenCV and numpy; a per-tile parameter becomes one value per column (``_per_value``).
+# suit OpenCV and numpy; a per-tile parameter is repeated for each value of its columns (``_per_value``).
 def to_strip(image: np.ndarray, patch_size: int) -> np.ndarray:
     """uint8 (S, S, 3) -> the strip of its tiles on the patch grid (p, g*g*p, 3), in the ViT's token order."""
     g, p = image.shape[0] // patch_size, patch_size

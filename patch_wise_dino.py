@@ -50,8 +50,10 @@ LOSS_CHUNK_ELEMENTS = {"cuda": 2 ** 26, "cpu": 2 ** 21}
 # up to 10x slower on the very negative log-probabilities of a 0.04-temperature teacher. Arguments are clamped to
 # -80 first, which changes a probability by at most exp(-80) = 1.8e-35.
 EXP_FLOOR = -80.0
-# A run continues only with the same model, head and optimizer (and crop size: the center has a row per position).
-SAME_SETTINGS = ("arch", "patch_size", "out_dim", "use_bn_in_head", "norm_last_layer", "patch_loss", "optimizer")
+# A run continues only with the same model, head, method and optimizer (and crop size: the center has a row per
+# position; and the number of per-patch ops when that augmentation is on).
+SAME_SETTINGS = ("arch", "patch_size", "out_dim", "use_bn_in_head", "norm_last_layer", "patch_loss",
+                 "patch_augmentation", "optimizer")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -126,6 +128,13 @@ def add_crop_and_data_args(parser: argparse.ArgumentParser) -> None:
                              "original)")
     parser.add_argument("--patch_loss", default=True, type=utils.bool_flag,
                         help="add the loss on matched patch tokens; false trains vanilla DINO ([CLS] only)")
+    parser.add_argument("--patch_augmentation", default=False, type=utils.bool_flag,
+                        help="the authors' later per-patch augmentation: every patch of every view gets random "
+                             "photometric ops of its own (colour jitter, vertical blur, sharpness, posterize) before "
+                             "normalisation")
+    parser.add_argument("--patch_augmentation_ops", default=4, type=utils.bounded(int, low=0, high=4),
+                        help="how many of the 4 per-patch ops each patch gets, drawn without replacement and applied "
+                             "in a random order (the authors': 4)")
     # Data, outputs, distribution
     parser.add_argument("--data_path", default=None, type=str,
                         help="folder of images, read recursively (only its train/ when it has one), CIFAR-10's python "
@@ -159,6 +168,9 @@ def check_args(args: argparse.Namespace) -> None:
     for flag, size in (("--global_size", args.global_size), ("--local_size", args.local_size)):
         if size % args.patch_size:
             raise utils.UserError(f"{flag} {size} is not a positive multiple of --patch_size {args.patch_size}")
+    if args.patch_augmentation and args.patch_size < 3:
+        raise utils.UserError(f"--patch_augmentation true needs --patch_size >= 3 (its 5-tap blur reflects 2 rows "
+                              f"inside each patch), got {args.patch_size}")
     for flag, scale in (("--global_crops_scale", args.global_crops_scale),
                         ("--local_crops_scale", args.local_crops_scale)):
         if not 0 < scale[0] <= scale[1] <= 1:
@@ -177,7 +189,8 @@ def main(args: argparse.Namespace, stop_signals: Sequence[int] = run_control.STO
     args.total_batch = args.batch_size_per_gpu * args.world_size
     utils.fix_random_seeds(args.seed)  # the same initial weights in every process
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
-    names = SAME_SETTINGS + (("global_size",) if args.patch_loss else ())
+    names = (SAME_SETTINGS + (("global_size",) if args.patch_loss else ())
+             + (("patch_augmentation_ops",) if args.patch_augmentation else ()))
     run = run_control.RunControl(args, same_settings=names, stop_signals=stop_signals)
     run.load()  # before any work: a run of another model is refused
     if utils.is_main_process():
@@ -633,7 +646,8 @@ def build_loader(args: argparse.Namespace) -> torch.utils.data.DataLoader:
     """Multi-crop data with matches, split over the processes by a shuffling, resumable sampler."""
     transform = DataAugmentationPatchWiseDINO(args.global_crops_scale, args.local_crops_scale,
                                               args.local_crops_number, args.patch_size, args.global_size,
-                                              args.local_size, args.resize)
+                                              args.local_size, args.resize,
+                                              patch_ops=args.patch_augmentation_ops if args.patch_augmentation else 0)
     data_path = args.data_path or datasets.default_data_path()
     images = datasets.build_image_source(data_path)
     keep = subset_indices(len(images), args.max_images, (TRAIN_SUBSET_SEED,))

@@ -1,6 +1,7 @@
 """Run every benchmark of this folder in turn and end with one table: each target, its measured value, PASS/FAIL.
 
-- ``bench_data_pipeline.py``: our augmentation + matches against a plain torchvision/PIL DINO multi-crop;
+- ``bench_data_pipeline.py``: our augmentation + matches against a plain torchvision/PIL DINO multi-crop, and
+  with the per-patch augmentation against without it;
 - ``bench_train_step.py``: ``--patch_loss true`` against ``false`` (step time, peak memory, time per FLOP);
 - ``bench_eval.py``: k-NN with faiss against torch (the CPU default must be the faster), and feature-extraction
   throughput (a figure, no target);

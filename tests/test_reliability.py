@@ -143,6 +143,17 @@ def test_resuming_another_model_is_refused_naming_the_difference(tmp_path, strai
     assert json.loads((out / "args.json").read_text())["arch"] == "vit_tiny"  # the run's record is untouched
 
 
+def test_resuming_without_the_same_patch_augmentation_is_refused(tmp_path, straight):
+    argv, straight_out = straight
+    out = tmp_path / "out"
+    shutil.copytree(straight_out, out)
+    with pytest.raises(utils.UserError) as error:
+        train(argv + ["--output_dir", str(out), "--patch_augmentation", "true", "--epochs", "3"])
+    assert str(error.value) == (f"{out}/checkpoint.pth was trained with --patch_augmentation False (this run: True): "
+                                f"pass the same settings to continue that run, or another --output_dir for a new one")
+    assert json.loads((out / "args.json").read_text())["patch_augmentation"] is False
+
+
 def child_pids(pid):
     """Processes whose parent is ``pid`` (from /proc)."""
     children = []
@@ -248,6 +259,9 @@ def bad_input(name, extra, needle, visible_gpus=None):
     bad_input("momentum_above_one", ["--momentum_teacher", "1.5"], "argument --momentum_teacher: must be in [0, 1], "
                                                                    "got 1.5"),
     bad_input("unknown_arch", ["--arch", "vit_huge"], "argument --arch: invalid choice: 'vit_huge'"),
+    bad_input("patch_augmentation_on_tiny_patches", ["--patch_augmentation", "true", "--patch_size", "2",
+                                                      "--global_size", "32", "--local_size", "16"],
+              "--patch_augmentation true needs --patch_size >= 3"),
 ])
 def test_bad_settings_are_one_line_errors(tmp_path, monkeypatch, capsys, extra, needle, visible_gpus):
     """Bad flags, data or hardware stop patch_wise_dino.py before training with one line that names what to fix

@@ -3,6 +3,7 @@ a non-finite loss, torchrun, --max_images (bad settings and hostile input: test_
 
 Tiny settings throughout (vit_tiny/8 at 32 px, out_dim 64, generated images) so the file runs in about a minute.
 """
+import json
 import math
 import os
 import pickle
@@ -51,25 +52,30 @@ def test_train_two_epochs_then_resume_for_a_third(tmp_path):
     torch.testing.assert_close(model.cls_token, ckpt["teacher"]["backbone.cls_token"])
 
 
-def test_resume_gives_the_same_teacher_as_an_uninterrupted_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("epochs,extra", [(3, []), (2, ["--patch_augmentation", "true"])])
+def test_resume_gives_the_same_teacher_as_an_uninterrupted_run(tmp_path, monkeypatch, epochs, extra):
     write_images(tmp_path / "data", 4)
-    argv = TINY + ["--data_path", str(tmp_path / "data"), "--epochs", "3", "--seed", "7"]
+    argv = TINY + ["--data_path", str(tmp_path / "data"), "--epochs", str(epochs), "--seed", "7"] + extra
     train(argv + ["--output_dir", str(tmp_path / "straight")])
 
     real_epoch = pwd.train_one_epoch
 
     def interrupted(state, loader, schedules, epoch, args, *rest, **kwargs):
-        if epoch == 2:
+        if epoch == epochs - 1:
             raise KeyboardInterrupt
         return real_epoch(state, loader, schedules, epoch, args, *rest, **kwargs)
 
     monkeypatch.setattr(pwd, "train_one_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train(argv + ["--output_dir", str(tmp_path / "resumed")])
-    assert utils.load_checkpoint(str(tmp_path / "resumed" / "checkpoint.pth"))["epoch"] == 2
+    assert utils.load_checkpoint(str(tmp_path / "resumed" / "checkpoint.pth"))["epoch"] == epochs - 1
     monkeypatch.setattr(pwd, "train_one_epoch", real_epoch)
     train(argv + ["--output_dir", str(tmp_path / "resumed")])
     assert_same_training(tmp_path / "straight", tmp_path / "resumed")
+    if extra:  # a run with the per-patch augmentation continues only with the same number of ops
+        assert json.loads((tmp_path / "resumed" / "args.json").read_text())["patch_augmentation"] is True
+        with pytest.raises(utils.UserError, match=r"--patch_augmentation_ops 4 \(this run: 2\)"):
+            train(argv + ["--output_dir", str(tmp_path / "resumed"), "--patch_augmentation_ops", "2"])
 
 
 @pytest.mark.skipif(not pwd.cpp_compiler_available(), reason="torch.compile on the CPU needs a C++ compiler")

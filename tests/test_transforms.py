@@ -210,3 +210,131 @@ def test_output_statistics_match_dino_reference(photos, blur_p, solarize_p):
     stderr = np.sqrt((ours.var(axis=0) + theirs.var(axis=0)) / n)
     assert np.all(np.abs(ours.mean(axis=0) - theirs.mean(axis=0)) < 4 * stderr), (ours.mean(0), theirs.mean(0))
     assert np.all(np.abs(ours.std(axis=0) / theirs.std(axis=0) - 1) < 0.2), (ours.std(0), theirs.std(0))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-patch augmentation (--patch_augmentation)
+# ---------------------------------------------------------------------------------------------------------------
+def tile_of(strip: np.ndarray, i: int) -> torch.Tensor:
+    """Tile i of a strip (p, m*p, 3) as the uint8 tensor (3, p, p) torchvision's functional ops take."""
+    p = len(strip)
+    return torch.from_numpy(np.ascontiguousarray(strip[:, i * p:(i + 1) * p])).permute(2, 0, 1)
+
+
+def assert_tiles_close(ours: np.ndarray, reference: list, tolerance: int) -> None:
+    """Every tile of the strip ``ours`` against its torchvision tensor, within ``tolerance`` gray levels."""
+    for i, expected in enumerate(reference):
+        diff = np.abs(tile_of(ours, i).numpy().astype(int) - expected.numpy().astype(int))
+        assert diff.max() <= tolerance, (i, diff.max())
+
+
+@pytest.mark.parametrize("patch_size", [8, 5])
+def test_each_patch_op_equals_torchvision_on_every_tile(photos, patch_size):
+    """Brightness, sharpness and posterize exactly, hue and the vertical blur within one gray level, each tile
+    with its own drawn parameters (plus hue factors up to +-0.5, which wrap around the hue circle)."""
+    side = 6 * patch_size
+    views = [np.asarray(photo)[:side, :side] for photo in photos[:3]]
+    strip = np.concatenate([transforms.to_strip(np.ascontiguousarray(v), patch_size) for v in views], axis=1)
+    n = strip.shape[1] // patch_size
+    torch.manual_seed(0)
+    params = transforms.sample_patch_params(n, 4)
+    tiles = [tile_of(strip, i) for i in range(n)]
+    assert_tiles_close(transforms.tile_brightness(strip, params.brightness),
+                       [F.adjust_brightness(t, float(b)) for t, b in zip(tiles, params.brightness)], 0)
+    assert_tiles_close(transforms.tile_sharpness(strip), [F.adjust_sharpness(t, 2.0) for t in tiles], 0)
+    assert_tiles_close(transforms.tile_posterize(strip), [F.posterize(t, 3) for t in tiles], 0)
+    hues = np.concatenate([params.hue[:n - 4], [-0.5, 0.5, 0.37, -0.29]]).astype(np.float32)
+    assert_tiles_close(transforms.tile_hue(strip, hues), [F.adjust_hue(t, float(h)) for t, h in zip(tiles, hues)], 1)
+    assert_tiles_close(transforms.tile_gaussian_blur(strip, params.blur_sigma),
+                       [F.gaussian_blur(t, [1, 5], [float(s)] * 2) for t, s in zip(tiles, params.blur_sigma)], 1)
+    # ColorJitter applies its two ops in the order it drew; they differ where brightening saturates a colour
+    bright = np.concatenate([strip, np.tile(np.array([250, 100, 50], np.uint8), (patch_size, 2 * patch_size, 1))], 1)
+    params = params._replace(brightness=np.append(params.brightness, [1.1, 1.1]).astype(np.float32),
+                             hue=np.append(params.hue, [0.1, 0.1]).astype(np.float32),
+                             brightness_first=np.append(params.brightness_first, [True, False]))
+    jittered = transforms.tile_color_jitter(bright, params.brightness, params.hue, params.brightness_first)
+    for i in range(n + 2):
+        t, b, h = tile_of(bright, i), float(params.brightness[i]), float(params.hue[i])
+        expected = (F.adjust_hue(F.adjust_brightness(t, b), h) if params.brightness_first[i]
+                    else F.adjust_brightness(F.adjust_hue(t, h), b))
+        assert np.abs(tile_of(jittered, i).numpy().astype(int) - expected.numpy().astype(int)).max() <= 2
+    assert np.abs(tile_of(jittered, n).numpy().astype(int) - tile_of(jittered, n + 1).numpy()).max() > 10
+
+
+def test_tiles_draw_independent_parameters_and_orders():
+    torch.manual_seed(0)
+    n = 4800
+    params = transforms.sample_patch_params(n, 4)
+    assert params.order.shape == (n, 4) and (np.sort(params.order, axis=1) == np.arange(4)).all()
+    orders, counts = np.unique(params.order, axis=0, return_counts=True)
+    assert len(orders) == 24 and np.abs(counts / n - 1 / 24).max() < 0.015  # every order, uniformly
+    for values, (low, high) in ((params.brightness, (0.9, 1.1)), (params.hue, (-0.1, 0.1)),
+                                (params.blur_sigma, (0.1, 2.0))):
+        assert len(np.unique(values)) > n - 10  # one draw per tile
+        assert low <= values.min() < low + 0.01 and high - 0.01 < values.max() <= high
+    for coin in (params.brightness_first, params.sharpen, params.posterize):
+        assert abs(coin.mean() - 0.5) < 0.03
+    assert abs(np.corrcoef(params.sharpen, params.posterize)[0, 1]) < 0.05
+    two = transforms.sample_patch_params(n, 2).order
+    assert two.shape == (n, 2) and (two[:, 0] != two[:, 1]).all()
+    assert len(np.unique(two, axis=0)) == 12  # ordered pairs without replacement
+    assert transforms.sample_patch_params(n, 0).order.shape == (n, 0)
+
+
+def one_tile_at_a_time(strip: np.ndarray, params: transforms.PatchParams) -> np.ndarray:
+    """The authors' loop: tile by tile, its ops in its order, each op on that tile alone."""
+    p, out = len(strip), strip.copy()
+    for i in range(strip.shape[1] // p):
+        tile = np.ascontiguousarray(out[:, i * p:(i + 1) * p])
+        for op in params.order[i]:
+            skipped = (op == transforms.SHARPNESS and not params.sharpen[i]) or \
+                      (op == transforms.POSTERIZE and not params.posterize[i])  # p = 0.5 each
+            if not skipped:
+                tile = transforms.run_patch_op(op, tile, params, np.array([i]))
+        out[:, i * p:(i + 1) * p] = tile
+    return out
+
+
+@pytest.mark.parametrize("num_ops", [4, 2])
+def test_tiles_get_their_own_ops_in_their_own_order(photos, num_ops):
+    """The batched pass equals a tile-by-tile loop; the same tile under different orders changes."""
+    p = 8
+    strip = transforms.to_strip(np.ascontiguousarray(np.asarray(photos[1])[:48, :48]), p)
+    torch.manual_seed(1)
+    params = transforms.sample_patch_params(36, num_ops)
+    assert np.array_equal(transforms.augment_tiles(strip, params), one_tile_at_a_time(strip, params))
+    assert len(np.unique(params.order, axis=0)) > 5
+    # one tile, the same parameters, every order of the 4 ops: they do not commute
+    tile = np.ascontiguousarray(strip[:, 3 * p:4 * p])
+    same = transforms.PatchParams(transforms.PATCH_OP_ORDERS, *(np.full(24, v, np.float32) for v in (1.1, 0.05)),
+                                  np.ones(24, bool), np.full(24, 1.5, np.float32), np.ones(24, bool), np.ones(24, bool))
+    outcomes = transforms.augment_tiles(np.tile(tile, (1, 24, 1)), same)
+    assert len({outcomes[:, k * p:(k + 1) * p].tobytes() for k in range(24)}) >= 12
+
+
+def test_patch_augmentation_changes_pixels_only(photos):
+    """Same seed: the same geometry (hence the same matches) and the same views with 0 ops; with 4 ops every
+    view changes; the same seed twice gives the same views."""
+    def draw(patch_ops: int, seed: int = 3) -> tuple:
+        torch.manual_seed(seed)
+        return transforms.DataAugmentationPatchWiseDINO(local_crops_number=2, patch_size=8, global_size=32,
+                                                        local_size=16, resize=48, patch_ops=patch_ops)(photos[2])
+
+    (plain, geoms), (zero, geoms_zero), (patched, geoms_patched) = draw(0), draw(0), draw(4)
+    assert geoms == geoms_zero == geoms_patched
+    assert all(torch.equal(a, b) for a, b in zip(plain, zero))
+    assert all(a.shape == b.shape and not torch.equal(a, b) for a, b in zip(plain, patched))
+    again, geoms_again = draw(4)
+    assert geoms_again == geoms and all(torch.equal(a, b) for a, b in zip(patched, again))
+    views = [np.asarray(photos[2])[:16, :16]] * 2
+    assert all(np.array_equal(a, b) for a, b in zip(transforms.augment_patches(views, 8, 0), views))
+
+
+def test_patch_augmentation_settings_are_checked():
+    with pytest.raises(ValueError, match="--global_size 200 .* patch size 16"):
+        transforms.DataAugmentationPatchWiseDINO(global_size=200, patch_ops=4)
+    with pytest.raises(ValueError, match="patch size >= 3"):
+        transforms.DataAugmentationPatchWiseDINO(patch_size=2, global_size=32, local_size=16, patch_ops=1)
+    with pytest.raises(ValueError, match="patch_ops 5 must be in 0..4"):
+        transforms.DataAugmentationPatchWiseDINO(patch_ops=5)
+    assert "patch_ops=4" in repr(transforms.DataAugmentationPatchWiseDINO(patch_ops=4))

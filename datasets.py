@@ -440,16 +440,23 @@ VOC_FOLDERS = ("JPEGImages", "SegmentationClass")
 MASK_MODES = ("P", "L", "1", "I", "I;16")  # Pillow modes that hold one number per pixel
 
 
+def decode_index_image(path: str, what: str) -> Tuple[str, np.ndarray]:
+    """The PIL mode and the values (H, W) of an image of indices (a mask, an annotation), undecoded pixel values as
+    they are stored (palette indices for a palette image); an undecodable file is a ``UserError`` naming ``what``
+    and the file."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.mode, np.asarray(img)  # (H, W)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise UserError(f"cannot decode {what} {path}: {exc}") from None
+
+
 def read_class_mask(path: str) -> np.ndarray:
     """The class ids of a mask image, (H, W) uint8: a palette PNG (VOC, DAVIS) gives its palette indices, not its
     colours; a grayscale PNG its values (16-bit ones must stay under 256). Colour images and undecodable files are
     a ``UserError`` naming the file."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            mode, values = img.mode, np.asarray(img)  # (H, W)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise UserError(f"cannot decode mask {path}: {exc}") from None
+    mode, values = decode_index_image(path, "mask")  # (H, W)
     if mode not in MASK_MODES:
         raise UserError(f"mask {path} is a {mode} image: a mask holds one class id per pixel (a palette or "
                         f"grayscale PNG), not colours")
@@ -651,15 +658,11 @@ def read_palette_png(path: str) -> np.ndarray:
     missing file, an unreadable one, or an image without a palette is a ``UserError`` naming the file."""
     if not os.path.isfile(path):
         raise UserError(f"annotation {path} not found")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode != "P":
-                raise UserError(f"{path} is not a palette image (its mode is {img.mode}): DAVIS annotations are "
-                                f"palette PNGs whose indices are object ids")
-            return np.array(img, dtype=np.uint8)  # (H, W)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise UserError(f"cannot decode annotation {path}: {exc}") from None
+    mode, values = decode_index_image(path, "annotation")  # (H, W)
+    if mode != "P":
+        raise UserError(f"{path} is not a palette image (its mode is {mode}): DAVIS annotations are "
+                        f"palette PNGs whose indices are object ids")
+    return values.astype(np.uint8)
 
 
 def davis_palette() -> np.ndarray:

@@ -247,6 +247,11 @@ def test_each_patch_op_equals_torchvision_on_every_tile(photos, patch_size):
     assert_tiles_close(transforms.tile_hue(strip, hues), [F.adjust_hue(t, float(h)) for t, h in zip(tiles, hues)], 1)
     assert_tiles_close(transforms.tile_gaussian_blur(strip, params.blur_sigma),
                        [F.gaussian_blur(t, [1, 5], [float(s)] * 2) for t, s in zip(tiles, params.blur_sigma)], 1)
+    thin = np.array([0.14, 0.145, 0.15, 2.0], np.float32)  # outer taps of the first three are float32 subnormals
+    taps = transforms.blur_weights(thin)  # (4, 5)
+    assert not ((taps > 0) & (taps < np.finfo(np.float32).tiny)).any()  # flushed: subnormal arithmetic is slow
+    assert_tiles_close(transforms.tile_gaussian_blur(np.ascontiguousarray(strip[:, :4 * patch_size]), thin),
+                       [F.gaussian_blur(tiles[i], [1, 5], [float(s)] * 2) for i, s in enumerate(thin)], 1)
     # ColorJitter applies its two ops in the order it drew; they differ where brightening saturates a colour
     bright = np.concatenate([strip, np.tile(np.array([250, 100, 50], np.uint8), (patch_size, 2 * patch_size, 1))], 1)
     params = params._replace(brightness=np.append(params.brightness, [1.1, 1.1]).astype(np.float32),

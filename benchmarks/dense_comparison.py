@@ -38,6 +38,7 @@ ARMS = {"random": ["--patch_loss", "false", "--epochs", "1", "--lr", "0", "--min
         "patchaug": ["--patch_augmentation", "true"]}
 LABELS = {"random": "random init", "dino": "DINO (--patch_loss false)", "patch": "Patch-Wise DINO",
           "patchaug": "Patch-Wise DINO + --patch_augmentation"}
+SHORT = {"random": "random init", "dino": "DINO", "patch": "Patch-Wise\nDINO", "patchaug": "Patch-Wise\nDINO + patch aug."}
 SEGMENTATION = ["--image_size", "96", "--resize_mode", "stretch", "--epochs", "20", "--val_freq", "20", "--lr", "2.0",
                 "--batch_size_per_gpu", "64"]
 VIDEO = ["--short_side", "128"]  # the 96-px canvas: DINO's resize floors the long side to a multiple of 64
@@ -136,8 +137,7 @@ def draw(results: Dict[str, List[dict]], path: str) -> None:
             mean, std = mean_std(values)
             ax.bar(x, mean, yerr=std, capsize=4, color=f"C{x}", alpha=0.8)
             ax.plot([x] * len(values), values, "k.", markersize=4)
-        ax.set_xticks(range(len(results)), [LABELS[arm].split(" (")[0].replace(" + ", "\n+ ")
-                                            for arm in results], fontsize=7)
+        ax.set_xticks(range(len(results)), [SHORT[arm] for arm in results], fontsize=7)
         ax.set_title(name, fontsize=9)
     figure.savefig(path, dpi=120)
 

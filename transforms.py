@@ -298,7 +298,7 @@ def tile_color_jitter(strip: np.ndarray, brightness: np.ndarray, hue: np.ndarray
 
 def blur_weights(sigmas: np.ndarray) -> np.ndarray:
     """The taps of torchvision's 5-tap Gaussian kernel for each sigma (m,) -> (m, 5), in float32 as torchvision.
-    Subnormal taps (the outer ones of sigma < ~0.15, under 1.2e-38) are flushed to zero: arithmetic on subnormals
+    Subnormal taps (under 1.2e-38: the outer ones of sigma 0.14-0.15) are flushed to zero: arithmetic on subnormals
     is tens of times slower, and they move no sum of 8-bit values by anything a rounding to 0..255 could see."""
     x = np.arange(-PATCH_BLUR_HALF, PATCH_BLUR_HALF + 1, dtype=np.float32)  # (5,)
     pdf = np.exp(np.float32(-0.5) * np.square(x / sigmas.astype(np.float32)[:, None]))  # (m, 5)

@@ -1,15 +1,16 @@
 """The README's small dense comparison: does the patch loss help local features?
 
 Trains each arm on single garments (a fixed 2,500-image subset of Fashion-MNIST's train split, the README's
-recipe, 2 epochs) with the same settings and seeds, then scores the teacher three ways: the k-NN monitor on single garments (Fashion-MNIST train/t10k, [CLS]), the linear
-segmentation probe on the scenes of ``make_dense_data.py`` (``eval_segmentation.py``, mIoU) and label propagation on its videos
-(``eval_video_segmentation.py``, J&F). Arms: ``random`` (the untrained teacher: one step at lr 0), ``dino``
-(``--patch_loss false``), ``patch`` (Patch-Wise DINO), ``patchaug`` (Patch-Wise DINO with
-``--patch_augmentation true``). Prints a table (mean +- std over the seeds, wall times, final teacher entropies
-against ln K) and draws it (``--figure``). A run whose results are already in ``--output_dir`` is not redone, so an
-interrupted comparison continues where it stopped. Not part of ``run_all.py``: about 2 hours on 2 CPU cores.
+recipe, 2 epochs) with the same settings and seeds, then scores the teacher three ways: the k-NN monitor on single
+garments (Fashion-MNIST train/t10k, [CLS]), the linear segmentation probe on the scenes of ``make_dense_data.py``
+(``eval_segmentation.py``, mIoU) and label propagation on its videos (``eval_video_segmentation.py``, J&F).
+Arms: ``random`` (the untrained teacher: one step at lr 0), ``dino`` (``--patch_loss false``), ``patch``
+(Patch-Wise DINO), ``patchaug`` (Patch-Wise DINO with ``--patch_augmentation true``). Prints a table (mean +- std
+over the seeds, wall times, final teacher entropies against ln K) and draws it (``--figure``). A run whose results
+are already in ``--output_dir`` is not redone, so an interrupted comparison continues where it stopped. Not part of ``run_all.py``: about 2 hours on 2 CPU cores.
 
-    python make_dense_data.py --data_path $D --output_dir out/dense --num_scenes 600 --num_val_scenes 200 --num_videos 12
+    python make_dense_data.py --data_path $D --output_dir out/dense --num_scenes 600 --num_val_scenes 200 \\
+        --num_videos 12
     python benchmarks/dense_comparison.py --data_path $D --dense_path out/dense --output_dir out/dense_runs \\
         --figure docs/dense_comparison.png
 """
@@ -25,7 +26,10 @@ from typing import Dict, List
 
 from matplotlib.figure import Figure
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import plot_logs  # noqa: E402
+
 OUT_DIM = 1024
 TRAIN = ["--arch", "vit_tiny", "--patch_size", "4", "--resize", "0", "--global_size", "28", "--local_size", "16",
          "--local_crops_number", "2", "--out_dim", str(OUT_DIM), "--batch_size_per_gpu", "32", "--epochs", "2",
@@ -38,7 +42,8 @@ ARMS = {"random": ["--patch_loss", "false", "--epochs", "1", "--lr", "0", "--min
         "patchaug": ["--patch_augmentation", "true"]}
 LABELS = {"random": "random init", "dino": "DINO (--patch_loss false)", "patch": "Patch-Wise DINO",
           "patchaug": "Patch-Wise DINO + --patch_augmentation"}
-SHORT = {"random": "random init", "dino": "DINO", "patch": "Patch-Wise\nDINO", "patchaug": "Patch-Wise\nDINO + patch aug."}
+SHORT = {"random": "random init", "dino": "DINO", "patch": "Patch-Wise\nDINO",
+         "patchaug": "Patch-Wise\nDINO + patch aug."}  # the figure's tick labels
 SEGMENTATION = ["--image_size", "96", "--resize_mode", "stretch", "--epochs", "20", "--val_freq", "20", "--lr", "2.0",
                 "--batch_size_per_gpu", "64"]
 VIDEO = ["--short_side", "128"]  # the 96-px canvas: DINO's resize floors the long side to a multiple of 64
@@ -64,14 +69,15 @@ def run_script(script: str, argv: List[str], log_path: str) -> float:
     """Run a top-level script, its output in ``log_path``; returns its wall time (s). Stops on failure."""
     start = time.time()
     with open(log_path, "w") as log:
-        status = subprocess.call([sys.executable, os.path.join(ROOT, script), *argv], stdout=log,
-                                 stderr=subprocess.STDOUT, cwd=ROOT)
+        status = subprocess.call([sys.executable, os.path.join(REPO, script), *argv], stdout=log,
+                                 stderr=subprocess.STDOUT, cwd=REPO)
     if status:
         sys.exit(f"{script} failed (exit status {status}); its output: {log_path}")
     return time.time() - start
 
 
 def last_json(path: str) -> dict:
+    """The last line of a script's output: its JSON result."""
     with open(path) as f:
         return json.loads(f.read().strip().splitlines()[-1])
 
@@ -86,8 +92,9 @@ def run_one(args: argparse.Namespace, arm: str, seed: int) -> dict:
     os.makedirs(folder, exist_ok=True)
     workers = ["--num_workers", str(args.num_workers)]
     train_s = run_script("patch_wise_dino.py", TRAIN + ARMS[arm] + workers + [
-        "--seed", str(seed), "--data_path", args.data_path, "--knn_data_path", args.data_path, "--output_dir", folder], os.path.join(folder, "train.out"))
-    log = last_json(os.path.join(folder, "log.txt"))
+        "--seed", str(seed), "--data_path", args.data_path, "--knn_data_path", args.data_path,
+        "--output_dir", folder], os.path.join(folder, "train.out"))
+    log = plot_logs.read_log(os.path.join(folder, "log.txt"))[0][-1]  # the last epoch's line
     weights = ["--pretrained_weights", os.path.join(folder, "checkpoint.pth"), "--checkpoint_key", "teacher"]
     seg_s = run_script("eval_segmentation.py", SEGMENTATION + weights + workers + [
         "--data_path", os.path.join(args.dense_path, "scenes"), "--output_dir", os.path.join(folder, "seg")],

@@ -7,7 +7,8 @@ garments (Fashion-MNIST train/t10k, [CLS]), the linear segmentation probe on the
 Arms: ``random`` (the untrained teacher: one step at lr 0), ``dino`` (``--patch_loss false``), ``patch``
 (Patch-Wise DINO), ``patchaug`` (Patch-Wise DINO with ``--patch_augmentation true``). Prints a table (mean +- std
 over the seeds, wall times, final teacher entropies against ln K) and draws it (``--figure``). A run whose results
-are already in ``--output_dir`` is not redone, so an interrupted comparison continues where it stopped. Not part of ``run_all.py``: about 2 hours on 2 CPU cores.
+are already in ``--output_dir`` is not redone, so an interrupted comparison continues where it stopped. Not part
+of ``run_all.py``: about 2 hours on 2 CPU cores.
 
     python make_dense_data.py --data_path $D --output_dir out/dense --num_scenes 600 --num_val_scenes 200 \\
         --num_videos 12

@@ -290,9 +290,11 @@ def tile_color_jitter(strip: np.ndarray, brightness: np.ndarray, hue: np.ndarray
     uint8 as in torchvision (float32, truncated)."""
     ones = np.ones_like(brightness)
     rows = strip.reshape(len(strip), -1).astype(np.float32)  # (p, m*p*3)
-    _scale_truncate(rows, _per_value(np.where(brightness_first, brightness, ones), strip))
+    if brightness_first.any():  # a factor of 1 changes nothing: the pass is skipped where every factor is 1
+        _scale_truncate(rows, _per_value(np.where(brightness_first, brightness, ones), strip))
     rows = _hue_float(rows, hue)
-    _scale_truncate(rows, _per_value(np.where(brightness_first, ones, brightness), strip))
+    if not brightness_first.all():
+        _scale_truncate(rows, _per_value(np.where(brightness_first, ones, brightness), strip))
     return rows.astype(np.uint8).reshape(strip.shape)
 
 
@@ -354,21 +356,25 @@ def run_patch_op(op_id: int, strip: np.ndarray, params: PatchParams, tiles: np.n
 
 def augment_tiles(strip: np.ndarray, params: PatchParams) -> np.ndarray:
     """Each tile's ops of ``params.order`` in turn. At every step the tiles are reordered so that those running
-    the same op lie side by side, and each op runs once on its slice. uint8 strip (p, n*p, 3) -> the same."""
+    the same op lie side by side, and each op runs once on its slice; ColorJitter's tiles form two slices,
+    brightness before hue and after it, so that neither runs a brightness pass of factor 1.
+    uint8 strip (p, n*p, 3) -> the same."""
     p, n = len(strip), len(params.order)
-    idle = len(PATCH_OPS)  # the key of a tile whose op does not fire at a step
+    idle = len(PATCH_OPS) + 1  # the key of a tile whose op does not fire at a step
     skipped = (((params.order == SHARPNESS) & ~params.sharpen[:, None])
                | ((params.order == POSTERIZE) & ~params.posterize[:, None]))  # (n, k) the coin said no
-    keys = np.where(skipped, idle, params.order).astype(np.uint8)  # (n, k)
+    keys = params.order + 1 - ((params.order == COLOR_JITTER) & params.brightness_first[:, None])  # (n, k)
+    keys = np.where(skipped, idle, keys).astype(np.uint8)  # (n, k): 0, 1 ColorJitter; op + 1 the others
     tiles = strip.reshape(p, n, 3 * p)  # row r of the tile in slot t is tiles[r, t]
     slot_tile = np.arange(n)  # (n,) the tile in each slot
     for key in keys.T:  # (n,) what every tile runs at this step
         order = np.argsort(key[slot_tile], kind="stable")  # (n,) new slot -> old slot
         tiles, slot_tile = np.take(tiles, order, axis=1), slot_tile[order]  # grouped by op
-        ends = np.cumsum(np.bincount(key, minlength=idle + 1))  # (5,) end slot of each op's group
-        for op_id, (start, end) in enumerate(zip([0, *ends[:idle - 1]], ends[:idle])):
+        ends = np.cumsum(np.bincount(key, minlength=idle + 1))  # (7,) end slot of each key's group
+        for group_key, (start, end) in enumerate(zip([0, *ends[:idle - 1]], ends[:idle])):
             if end > start:
-                out = run_patch_op(op_id, tiles[:, start:end].reshape(p, -1, 3), params, slot_tile[start:end])
+                group = tiles[:, start:end].reshape(p, -1, 3)  # (p, m*p, 3)
+                out = run_patch_op(max(group_key - 1, COLOR_JITTER), group, params, slot_tile[start:end])
                 tiles[:, start:end] = out.reshape(p, -1, 3 * p)
     return np.take(tiles, np.argsort(slot_tile), axis=1).reshape(strip.shape)  # back in tile order
 

@@ -70,6 +70,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         metavar=("MIN", "MAX"), help="Garment side as a multiple of 28 pixels, uniform in [MIN, MAX].")
     parser.add_argument("--threshold", default=16, type=utils.bounded(int, low=0, high=254),
                         help="A garment's pixels are those of its resized image brighter than this (0..255).")
+    parser.add_argument("--appearance_change", default=0.5, type=utils.bounded(float, low=0, high=1),
+                        help="Videos only: each frame draws every garment's brightness gain in [1 - a, 1 + a] and "
+                        "mixes a fresh background into the first one with weight a, so that raw appearance stops "
+                        "tracking the objects (0: rigid garments over a fixed background).")
     parser.add_argument("--texture", default=True, type=utils.bool_flag,
                         help="Textured background (false: black).")
     parser.add_argument("--seed", default=0, type=int, help="Random seed.")
@@ -95,12 +99,14 @@ def resized_garment(garment: np.ndarray, side: int) -> np.ndarray:
 
 
 def paste(image: np.ndarray, mask: np.ndarray, garment: np.ndarray, label: int, top: int, left: int,
-          threshold: int) -> None:
-    """Draw a resized garment at (top, left), in place: its pixels brighter than ``threshold`` replace the image's
-    and take ``label`` in the mask; the rest of its square leaves what lies below."""
+          threshold: int, gain: float = 1.0) -> None:
+    """Draw a resized garment at (top, left), in place: its pixels brighter than ``threshold`` replace the image's,
+    their brightness times ``gain`` (clipped to 0..255), and take ``label`` in the mask; the rest of its square
+    leaves what lies below."""
     side = garment.shape[0]
     shown = garment > threshold  # (side, side)
-    image[top:top + side, left:left + side][shown] = garment[shown]
+    pixels = garment[shown] if gain == 1.0 else np.clip(np.rint(garment[shown] * gain), 0, 255).astype(np.uint8)
+    image[top:top + side, left:left + side][shown] = pixels
     mask[top:top + side, left:left + side][shown] = label
 
 
@@ -139,7 +145,9 @@ def first_positions(rng: np.random.Generator, sides: np.ndarray, canvas: int) ->
 def render_video(rng: np.random.Generator, garments: np.ndarray,
                  args: argparse.Namespace) -> Tuple[List[np.ndarray], List[np.ndarray]]:
     """``--frames`` frames (C, C) uint8 and their masks of object ids 1..n (drawing order), garments moving at
-    constant speeds and bouncing off the borders over a fixed background."""
+    constant speeds and bouncing off the borders. With ``--appearance_change`` a > 0 every frame also draws each
+    garment's brightness gain in [1 - a, 1 + a] and mixes a fresh background into the first one (weight a)."""
+    change = args.appearance_change
     count = int(rng.integers(args.garments[0], args.garments[1] + 1))
     sides = np.minimum(garment_sides(rng, count, args), args.canvas // math.ceil(math.sqrt(count)))  # (n,)
     positions = first_positions(rng, sides, args.canvas)  # (n, 2)
@@ -150,8 +158,14 @@ def render_video(rng: np.random.Generator, garments: np.ndarray,
     frames, masks = [], []
     for _ in range(args.frames):
         frame, mask = backdrop.copy(), np.zeros_like(backdrop)  # (C, C) each
-        for object_id, (shape, (top, left)) in enumerate(zip(shapes, np.rint(positions).astype(int)), start=1):
-            paste(frame, mask, shape, object_id, top, left, args.threshold)
+        gains = np.ones(count)  # (n,)
+        if change:
+            fresh = background(rng, args.canvas, args.texture)  # (C, C)
+            frame = np.rint((1 - change) * backdrop + change * fresh).astype(np.uint8)  # (C, C)
+            gains = rng.uniform(1 - change, 1 + change, size=count)  # (n,)
+        for object_id, (shape, (top, left), gain) in enumerate(
+                zip(shapes, np.rint(positions).astype(int), gains), start=1):
+            paste(frame, mask, shape, object_id, top, left, args.threshold, float(gain))
         frames.append(frame)
         masks.append(mask)
         positions = positions + velocities  # (n, 2)

@@ -1,14 +1,15 @@
 """The README's small dense comparison: does the patch loss help local features?
 
-Trains each arm on single garments (a fixed 2,500-image subset of Fashion-MNIST's train split, the README's
-recipe, 2 epochs) with the same settings and seeds, then scores the teacher three ways: the k-NN monitor on single
-garments (Fashion-MNIST train/t10k, [CLS]), the linear segmentation probe on the scenes of ``make_dense_data.py``
-(``eval_segmentation.py``, mIoU) and label propagation on its videos (``eval_video_segmentation.py``, J&F).
+Trains each arm on single garments (a fixed subset of Fashion-MNIST's train split, the README's recipe; 2 epochs
+of 2,500 images unless ``--epochs``/``--max_images`` say otherwise) with the same settings and seeds, then scores
+the teacher three ways: the k-NN monitor on single garments (Fashion-MNIST train/t10k, [CLS]), the linear
+segmentation probe on the scenes of ``make_dense_data.py`` (``eval_segmentation.py``, mIoU) and label propagation
+on its videos (``eval_video_segmentation.py``, J&F).
 Arms: ``random`` (the untrained teacher: one step at lr 0), ``dino`` (``--patch_loss false``), ``patch``
 (Patch-Wise DINO), ``patchaug`` (Patch-Wise DINO with ``--patch_augmentation true``). Prints a table (mean +- std
-over the seeds, wall times, final teacher entropies against ln K) and draws it (``--figure``). A run whose results
-are already in ``--output_dir`` is not redone, so an interrupted comparison continues where it stopped. Not part
-of ``run_all.py``: about 2 hours on 2 CPU cores.
+over the seeds, wall times, final teacher entropies against ln K) and draws it (``--figure``). A finished stage of a
+run (training, probe, videos) is not redone, so an interrupted comparison continues where it stopped; ``--redo vos``
+scores the kept checkpoints on new videos. Not part of ``run_all.py``: about 2 hours on 2 CPU cores.
 
     python make_dense_data.py --data_path $D --output_dir out/dense --num_scenes 600 --num_val_scenes 200 \\
         --num_videos 12
@@ -33,10 +34,9 @@ import plot_logs  # noqa: E402
 
 OUT_DIM = 1024
 TRAIN = ["--arch", "vit_tiny", "--patch_size", "4", "--resize", "0", "--global_size", "28", "--local_size", "16",
-         "--local_crops_number", "2", "--out_dim", str(OUT_DIM), "--batch_size_per_gpu", "32", "--epochs", "2",
-         "--warmup_epochs", "1", "--lr", "0.008", "--momentum_teacher", "0.99", "--teacher_temp", "0.02",
-         "--warmup_teacher_temp", "0.02", "--weight_decay_end", "0.04", "--max_images", "2500",
-         "--knn_max_images", "2000", "--saveckp_freq", "0", "--print_freq", "20"]
+         "--local_crops_number", "2", "--out_dim", str(OUT_DIM), "--batch_size_per_gpu", "32", "--warmup_epochs", "1",
+         "--lr", "0.008", "--momentum_teacher", "0.99", "--teacher_temp", "0.02", "--warmup_teacher_temp", "0.02",
+         "--weight_decay_end", "0.04", "--knn_max_images", "2000", "--saveckp_freq", "0", "--print_freq", "20"]
 ARMS = {"random": ["--patch_loss", "false", "--epochs", "1", "--lr", "0", "--min_lr", "0", "--max_images", "32"],
         "dino": ["--patch_loss", "false"],
         "patch": [],
@@ -61,6 +61,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", default="dense_runs", type=str, help="one folder per arm and seed")
     parser.add_argument("--arms", default=list(ARMS), nargs="+", choices=list(ARMS), help="arms to run")
     parser.add_argument("--seeds", default=[0, 1, 2], nargs="+", type=int, help="seeds of every arm")
+    parser.add_argument("--epochs", default=2, type=int, help="training epochs of every trained arm")
+    parser.add_argument("--max_images", default=2500, type=int,
+                        help="the fixed subset of Fashion-MNIST's train split every trained arm sees")
+    parser.add_argument("--redo", default=[], nargs="+", choices=["seg", "vos"],
+                        help="run these evaluations again even where finished (e.g. vos after new videos)")
     parser.add_argument("--num_workers", default=2, type=int, help="data workers of every script")
     parser.add_argument("--figure", default=None, type=str, help="where to draw the table (a PNG)")
     return parser
@@ -83,33 +88,53 @@ def last_json(path: str) -> dict:
         return json.loads(f.read().strip().splitlines()[-1])
 
 
+def stage_done(path: str, key: str) -> bool:
+    """Whether a stage's output ends with its JSON result (a stage interrupted midway has none)."""
+    try:
+        return key in last_json(path)
+    except (OSError, ValueError, IndexError):
+        return False
+
+
 def run_one(args: argparse.Namespace, arm: str, seed: int) -> dict:
-    """Train one arm with one seed and evaluate its teacher; the result is cached in ``result.json``."""
+    """Train one arm with one seed and evaluate its teacher. Each stage (training, the probe, the videos) is
+    skipped when its output is complete, unless ``--redo`` names it; its wall time is kept in ``times.json``."""
     folder = os.path.join(args.output_dir, f"{arm}-s{seed}")
-    result_path = os.path.join(folder, "result.json")
-    if os.path.isfile(result_path):
-        with open(result_path) as f:
-            return json.load(f)
     os.makedirs(folder, exist_ok=True)
+    times_path = os.path.join(folder, "times.json")
+    times = {}
+    if os.path.isfile(times_path):
+        with open(times_path) as f:
+            times = json.load(f)
     workers = ["--num_workers", str(args.num_workers)]
-    train_s = run_script("patch_wise_dino.py", TRAIN + ARMS[arm] + workers + [
-        "--seed", str(seed), "--data_path", args.data_path, "--knn_data_path", args.data_path,
-        "--output_dir", folder], os.path.join(folder, "train.out"))
-    log = plot_logs.read_log(os.path.join(folder, "log.txt"))[0][-1]  # the last epoch's line
     weights = ["--pretrained_weights", os.path.join(folder, "checkpoint.pth"), "--checkpoint_key", "teacher"]
-    seg_s = run_script("eval_segmentation.py", SEGMENTATION + weights + workers + [
-        "--data_path", os.path.join(args.dense_path, "scenes"), "--output_dir", os.path.join(folder, "seg")],
-        os.path.join(folder, "seg.out"))
-    vos_s = run_script("eval_video_segmentation.py", VIDEO + weights + [
-        "--data_path", os.path.join(args.dense_path, "davis"), "--output_dir", os.path.join(folder, "vos")],
-        os.path.join(folder, "vos.out"))
+    recipe = ["--epochs", str(args.epochs), "--max_images", str(args.max_images)]
+    stages = {  # name: (script, arguments, output, key of its last JSON line or None)
+        "train": ("patch_wise_dino.py", TRAIN + recipe + ARMS[arm] + workers + [
+            "--seed", str(seed), "--data_path", args.data_path, "--knn_data_path", args.data_path,
+            "--output_dir", folder], None),
+        "seg": ("eval_segmentation.py", SEGMENTATION + weights + workers + [
+            "--data_path", os.path.join(args.dense_path, "scenes"), "--output_dir", os.path.join(folder, "seg")],
+            "mIoU"),
+        "vos": ("eval_video_segmentation.py", VIDEO + weights + [  # --overwrite: the videos may have changed
+            "--data_path", os.path.join(args.dense_path, "davis"), "--output_dir", os.path.join(folder, "vos"),
+            "--overwrite", "true"], "J&F-Mean")}
+    for name, (script, argv, key) in stages.items():
+        output = os.path.join(folder, f"{name}.out")
+        done = name in times and (key is None or stage_done(output, key))
+        if done and name not in args.redo:
+            continue
+        times[name] = run_script(script, argv, output)
+        with open(times_path, "w") as f:
+            json.dump(times, f)
+    log = plot_logs.read_log(os.path.join(folder, "log.txt"))[0][-1]  # the last epoch's line
     result = {"arm": arm, "seed": seed, "knn_top1": log["knn_top1"],
               "mIoU": last_json(os.path.join(folder, "seg.out"))["mIoU"],
               "J&F": 100 * last_json(os.path.join(folder, "vos.out"))["J&F-Mean"],
               "entropy_cls": log["train_teacher_entropy_cls"],
               "entropy_patch": log.get("train_teacher_entropy_patch"),
-              "train_s": train_s, "eval_s": seg_s + vos_s}
-    with open(result_path, "w") as f:
+              "train_s": times["train"], "eval_s": times["seg"] + times["vos"]}
+    with open(os.path.join(folder, "result.json"), "w") as f:  # a summary to read; not a cache
         json.dump(result, f)
     print(json.dumps(result), flush=True)
     return result

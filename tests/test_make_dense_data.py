@@ -106,6 +106,27 @@ def test_videos_follow_the_davis_layout(generated):
         assert datasets.open_image(os.path.join(davis, "JPEGImages", "480p", video, frames[0])).size == (64, 64)
 
 
+def test_appearance_change_keeps_the_motion_and_changes_the_pixels(mnist):
+    """--appearance_change 0: rigid garments over a fixed background; a > 0: the same masks (the motion is drawn
+    first), each garment's pixels scaled by its own gain of the frame in [1 - a, 1 + a], a new background."""
+    folder, written = mnist
+    garments = written["val"][0]
+    rigid_args, changing_args = (parse("--data_path", folder, *SMALL, "--appearance_change", a) for a in ("0", "0.5"))
+    rigid, rigid_masks = make_dense_data.render_video(np.random.default_rng(5), garments, rigid_args)
+    changing, masks = make_dense_data.render_video(np.random.default_rng(5), garments, changing_args)
+    assert all(np.array_equal(a, b) for a, b in zip(masks, rigid_masks))
+    gains = []
+    for t, (frame, fixed, mask) in enumerate(zip(changing, rigid, masks)):
+        assert np.array_equal(fixed[(mask == 0) & (rigid_masks[0] == 0)], rigid[0][(mask == 0) & (rigid_masks[0] == 0)])
+        assert np.abs(frame[mask == 0].astype(int) - fixed[mask == 0]).mean() > 5  # a new background
+        for object_id in range(1, int(mask.max()) + 1):
+            inside = (mask == object_id) & (fixed > 20) & (fixed < 160)  # not clipped at 255 by a gain up to 1.5
+            ratio = frame[inside] / fixed[inside].astype(float)  # (pixels,)
+            assert ratio.std() < 0.03 and 0.49 <= ratio.mean() <= 1.51  # one gain per garment and frame
+            gains.append(ratio.mean())
+    assert np.std(gains) > 0.05  # the gains differ between garments and frames
+
+
 def test_same_seed_same_files_other_seed_other_files(mnist, generated, tmp_path):
     folder, _ = mnist
     out, _ = generated

@@ -122,7 +122,7 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
 
 def worker_init(worker_id: int, rank: int) -> None:
     """Seed numpy and ``random`` of a data worker from its torch seed and the rank; let it keep freed memory
-    (``utils.retain_freed_memory``: its per-image temporaries reuse mapped pages).
+    (``utils.keep_freed_memory``: its per-image temporaries reuse mapped pages).
 
     Ctrl-C (SIGINT to the whole process group) is left to the training process, which stops after its
     checkpoint and then shuts the workers down. On SIGTERM (the DataLoader's or multiprocessing's shutdown,
@@ -132,7 +132,7 @@ def worker_init(worker_id: int, rank: int) -> None:
     seed = np.random.SeedSequence([torch.initial_seed(), rank, worker_id]).generate_state(2)
     np.random.seed(int(seed[0]))
     random.seed(int(seed[1]))
-    utils.retain_freed_memory()
+    utils.keep_freed_memory()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _leave_quietly)
 

@@ -156,7 +156,7 @@ def fix_random_seeds(seed: int = 0) -> None:
     random.seed(seed)
 
 
-def retain_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 20) -> bool:
+def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 20) -> bool:
     """Let glibc's malloc keep freed memory for the next allocations instead of handing it back to the system.
 
     A data worker allocates the same numpy/OpenCV temporaries of a few MB for every image; by default glibc maps

@@ -11,7 +11,7 @@
 
 Inputs: 500x375 JPEGs (quality 90) made from the sample photos in a temporary folder; 2 global crops of
 224 and 8 local crops of 96 by default. One thread (``torch.set_num_threads(1)``, ``cv2.setNumThreads(1)``)
-and freed memory kept for reuse (``utils.retain_freed_memory``; ``--retain_freed_memory false`` to compare)
+and freed memory kept for reuse (``utils.keep_freed_memory``; ``--keep_freed_memory false`` to compare)
 as in a data worker. The pipelines run in alternating rounds and each keeps its best round, so load
 from other processes hits all alike. PASS when (a) reaches ``--target`` times the images/s of (b), and
 when (a) with the per-patch augmentation at patch 8 keeps ``--patch_augmentation_target`` of its images/s.
@@ -117,9 +117,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "images/s without it.")
     parser.add_argument("--reference_images", default=2, type=int,
                         help="Images on which the authors' tile-by-tile PIL loop is timed (once: it is slow).")
-    parser.add_argument("--retain_freed_memory", default=True, type=utils.bool_flag,
+    parser.add_argument("--keep_freed_memory", default=True, type=utils.bool_flag,
                         help="Keep freed memory for the next allocations, as the training's data workers do "
-                             "(utils.retain_freed_memory; glibc only).")
+                             "(utils.keep_freed_memory; glibc only).")
     parser.add_argument("--seed", default=0, type=int, help="Random seed.")
     return parser
 
@@ -174,7 +174,7 @@ def reference_images_per_second(args: argparse.Namespace, patch_size: int, paths
 def main(args: argparse.Namespace) -> dict:
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
-    retained = args.retain_freed_memory and utils.retain_freed_memory()
+    kept_memory = args.keep_freed_memory and utils.keep_freed_memory()
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     pipelines = build_pipelines(args)
@@ -191,7 +191,7 @@ def main(args: argparse.Namespace) -> dict:
     ratio = ours / baseline
     crops_text = f"2x224 + {args.local_crops_number}x96 crops"
     print(f"500x375 JPEG -> {crops_text}, one thread, best of {args.rounds} rounds of {args.images} images; "
-          f"freed memory {'retained' if retained else 'returned to the system'} (--retain_freed_memory)")
+          f"freed memory {'kept' if kept_memory else 'returned to the system'} (--keep_freed_memory)")
     print(f"  ours (OpenCV uint8 + match_all_pairs at patch {args.patch_size}): {ours:7.1f} images/s")
     print(f"  DINO-style torchvision/PIL multi-crop:                {baseline:7.1f} images/s")
     print(f"  ratio {ratio:.2f}x (target >= {args.target}x): {'PASS' if ratio >= args.target else 'FAIL'}")
@@ -208,7 +208,8 @@ def main(args: argparse.Namespace) -> dict:
         verdict = "PASS" if kept[8] >= args.patch_augmentation_target else "FAIL"
         print(f"  patch 8 keeps {kept[8]:.2f} of its images/s with the per-patch augmentation "
               f"(target >= {args.patch_augmentation_target:.2f}): {verdict}")
-    return {"ours": ours, "baseline": baseline, "ratio": ratio, "images_per_second": best, "retained": retained,
+    return {"ours": ours, "baseline": baseline, "ratio": ratio, "images_per_second": best,
+            "kept_freed_memory": kept_memory,
             "patch_augmentation_kept": kept, "authors_loop": reference}
 
 

@@ -295,11 +295,11 @@ def test_run_cli_prints_one_line_without_traceback(tmp_path):
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
-def test_retained_freed_memory_is_reused_without_page_faults():
+def test_kept_freed_memory_is_reused_without_page_faults():
     """What a data worker gains: blocks of a few MB freed and allocated again reuse mapped pages (by default glibc
     trims or unmaps them, and each new block faults in fresh zeroed pages: ~20,000 faults here)."""
     code = ("import resource, numpy as np, utils\n"
-            "assert utils.retain_freed_memory()\n"
+            "assert utils.keep_freed_memory()\n"
             "def work():\n"
             "    arrays = [np.ones(1 << 20, np.float32) for _ in range(4)]  # 4 x 4 MiB, freed together\n"
             "    return sum(float(a[-1]) for a in arrays)\n"

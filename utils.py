@@ -160,10 +160,11 @@ def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 
     """Let glibc's malloc keep freed memory for the next allocations instead of handing it back to the system.
 
     A data worker allocates the same numpy/OpenCV temporaries of a few MB for every image; by default glibc maps
-    each anew (or trims the heap after it), so every call pays page faults on fresh zeroed pages, which makes the
-    per-patch augmentation's ops two to five times slower. Blocks under ``mmap_threshold`` bytes (glibc's
-    maximum: 32 MiB on 64-bit) then come from the heap, which is trimmed only beyond ``trim_threshold`` free
-    bytes: a worker keeps about its peak heap. Returns False (and changes nothing) off glibc."""
+    each anew (or trims the heap after it), so every call pays page faults on fresh zeroed pages (an op of the
+    per-patch augmentation on a whole image's patches runs several times slower that way). Blocks under
+    ``mmap_threshold`` bytes (glibc's maximum: 32 MiB on 64-bit) then come from the heap, which is trimmed only
+    beyond ``trim_threshold`` free bytes: a worker keeps about its peak heap. Returns False (and changes nothing)
+    off glibc."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # not glibc (macOS, musl, Windows)

@@ -109,7 +109,7 @@ def run_one(args: argparse.Namespace, arm: str, seed: int) -> dict:
     workers = ["--num_workers", str(args.num_workers)]
     weights = ["--pretrained_weights", os.path.join(folder, "checkpoint.pth"), "--checkpoint_key", "teacher"]
     recipe = ["--epochs", str(args.epochs), "--max_images", str(args.max_images)]
-    stages = {  # name: (script, arguments, output, key of its last JSON line or None)
+    stages = {  # name: (script, its arguments, the key of its last JSON line or None); output in <name>.out
         "train": ("patch_wise_dino.py", TRAIN + recipe + ARMS[arm] + workers + [
             "--seed", str(seed), "--data_path", args.data_path, "--knn_data_path", args.data_path,
             "--output_dir", folder], None),

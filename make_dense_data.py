@@ -157,12 +157,13 @@ def render_video(rng: np.random.Generator, garments: np.ndarray,
     backdrop = background(rng, args.canvas, args.texture)  # (C, C)
     frames, masks = [], []
     for _ in range(args.frames):
-        frame, mask = backdrop.copy(), np.zeros_like(backdrop)  # (C, C) each
-        gains = np.ones(count)  # (n,)
+        mask = np.zeros_like(backdrop)  # (C, C)
         if change:
             fresh = background(rng, args.canvas, args.texture)  # (C, C)
             frame = np.rint((1 - change) * backdrop + change * fresh).astype(np.uint8)  # (C, C)
             gains = rng.uniform(1 - change, 1 + change, size=count)  # (n,)
+        else:
+            frame, gains = backdrop.copy(), np.ones(count)  # (C, C), (n,)
         for object_id, (shape, (top, left), gain) in enumerate(
                 zip(shapes, np.rint(positions).astype(int), gains), start=1):
             paste(frame, mask, shape, object_id, top, left, args.threshold, float(gain))

@@ -116,8 +116,9 @@ def test_appearance_change_keeps_the_motion_and_changes_the_pixels(mnist):
     changing, masks = make_dense_data.render_video(np.random.default_rng(5), garments, changing_args)
     assert all(np.array_equal(a, b) for a, b in zip(masks, rigid_masks))
     gains = []
-    for t, (frame, fixed, mask) in enumerate(zip(changing, rigid, masks)):
-        assert np.array_equal(fixed[(mask == 0) & (rigid_masks[0] == 0)], rigid[0][(mask == 0) & (rigid_masks[0] == 0)])
+    for frame, fixed, mask in zip(changing, rigid, masks):
+        background_now_and_first = (mask == 0) & (rigid_masks[0] == 0)  # (C, C)
+        assert np.array_equal(fixed[background_now_and_first], rigid[0][background_now_and_first])
         assert np.abs(frame[mask == 0].astype(int) - fixed[mask == 0]).mean() > 5  # a new background
         for object_id in range(1, int(mask.max()) + 1):
             inside = (mask == object_id) & (fixed > 20) & (fixed < 160)  # not clipped at 255 by a gain up to 1.5
